@@ -1,0 +1,1 @@
+"""Recipes (one TOML per scenario) and profiles, shipped inside the package as data."""

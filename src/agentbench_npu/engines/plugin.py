@@ -1,0 +1,9 @@
+"""Built-in engines, registered through the same hook a third party uses."""
+
+from ..hookspecs import hookimpl
+from .reference import ReferenceEngine
+
+
+@hookimpl
+def register_engines(register):
+    register(ReferenceEngine)

@@ -1,0 +1,229 @@
+"""The embedded reference engine: in-process torch decoding with a KV cache and exact log-probs.
+
+Concurrent `generate` calls from many agent loops are gathered into one batch per decoding pass
+(left-padded prefill, then step-by-step decode); the compute runs in a worker thread so the event
+loop (tools, sandboxes, HTTP) stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..sync.checksum import weights_checksum
+from ..types import GenerateRequest, GenerateResult, SamplingParams
+from .base import EngineClient
+from .model_runner import runner_for
+from .sampling import RowNoise, effective_temperature, sample_rows, sampling_logprobs
+
+
+class ReferenceEngine(EngineClient):
+    name = "reference"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, model_path: str = "", seed: int = 0,
+                 max_batch: int = 256, lean: bool = True):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_path = str(model_path)
+        self.max_batch = max_batch
+        self.weight_version = 0
+        self.runner = runner_for(self.model, prefer_lean=lean)
+        self._lock = threading.Lock()  # one forward pass or weight update at a time
+        self._unseeded = torch.Generator().manual_seed(seed)  # for requests that bring no seed
+        self._pending: list[tuple[GenerateRequest, asyncio.Future]] = []
+        self._worker: asyncio.Task | None = None
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+
+    # -- async API ----------------------------------------------------------------------------
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for request in requests:
+            future = loop.create_future()
+            self._pending.append((request, future))
+            futures.append(future)
+        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
+            self._worker = loop.create_task(self._drain())
+        return list(await asyncio.gather(*futures))
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
+            try:
+                results = await asyncio.to_thread(self.generate_batch, [r for r, _ in batch])
+            except BaseException as exc:  # hand the failure to every waiter of this batch
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+    async def update_weights_from_disk(self, path: str | Path) -> int:
+        from safetensors.torch import load_file
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {path}")
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            tensors.update(load_file(str(f)))
+        return await asyncio.to_thread(self.update_weights_from_tensors, tensors.items())
+
+    async def weights_checksum(self) -> str:
+        return await asyncio.to_thread(self.checksum)
+
+    async def model_info(self) -> dict[str, Any]:
+        return {
+            "model_path": self.model_path,
+            "weight_version": self.weight_version,
+            "architecture": type(self.model).__name__,
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "runner": type(self.runner).__name__,
+        }
+
+    # -- in-process API (colocated trainer) ---------------------------------------------------
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.model.named_parameters())
+
+    def checksum(self) -> str:
+        with self._lock:
+            return weights_checksum(self.named_weights())
+
+    def update_weights_from_tensors(self, named: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+        params = dict(self.model.named_parameters())
+        tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        with self._lock, torch.no_grad():
+            for name, tensor in named:
+                if name not in params:
+                    if name in tied:
+                        continue
+                    raise KeyError(f"engine model has no parameter '{name}'")
+                target = params[name]
+                if tuple(target.shape) != tuple(tensor.shape):
+                    raise ValueError(f"'{name}': engine shape {tuple(target.shape)} != update {tuple(tensor.shape)}")
+                target.copy_(tensor)
+            self.weight_version = self.weight_version + 1 if version is None else version
+        return self.weight_version
+
+    # -- the decoding loop ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        with self._lock:
+            return self._generate_locked(requests)
+
+    def _generate_locked(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        n = len(requests)
+        if n == 0:
+            return []
+        params = [r.sampling for r in requests]
+        prompt_lens = [len(r.input_ids) for r in requests]
+        if min(prompt_lens) == 0:
+            raise ValueError("every request needs at least one input token")
+        width = max(prompt_lens)
+        budget = max(p.max_new_tokens for p in params)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        key_valid = torch.zeros((n, width + budget), dtype=torch.bool)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.input_ids):] = torch.tensor(r.input_ids, dtype=torch.long)
+            key_valid[i, width - len(r.input_ids):width] = True
+        ids, key_valid = ids.to(self.device), key_valid.to(self.device)
+        positions = (key_valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+        vocab = self.model.config.vocab_size
+        noises = [None if p.temperature == 0 else RowNoise(self._generator(p), vocab, self.device) for p in params]
+        stops = [set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids) for p in params]
+        out_ids: list[list[int]] = [[] for _ in range(n)]
+        out_lps: list[list[float]] = [[] for _ in range(n)]
+        finish: list[tuple[str, Any] | None] = [None if p.max_new_tokens > 0 else ("length", None) for p in params]
+
+        state = self.runner.start(n, width + budget)
+        logits = self.runner.forward(state, ids, positions, key_valid)
+        next_pos = positions[:, -1:] + 1
+        for step in range(budget):
+            active = [i for i in range(n) if finish[i] is None]
+            if not active:
+                break
+            tokens = torch.full((n,), pad, dtype=torch.long, device=self.device)
+            rows = torch.tensor(active, device=self.device)
+            groups: dict[tuple[float, float, int], list[int]] = {}
+            for j, i in enumerate(active):
+                p = params[i]
+                groups.setdefault((p.temperature, p.top_p, p.top_k), []).append(j)
+            for (temp, top_p, top_k), members in groups.items():
+                sel = rows[members]
+                lp = sampling_logprobs(logits[sel], temp, top_p, top_k)
+                chosen = sample_rows(lp, [noises[active[j]] for j in members])
+                chosen_lp = lp.gather(-1, chosen[:, None])[:, 0].tolist()
+                tokens[sel] = chosen
+                for k, token in enumerate(chosen.tolist()):
+                    i = active[members[k]]
+                    out_ids[i].append(token)
+                    out_lps[i].append(chosen_lp[k])
+            for i in active:
+                finish[i] = self._check_stop(out_ids[i], params[i], stops[i])
+            if all(f is not None for f in finish):
+                break
+            key_valid[:, width + step] = True
+            logits = self.runner.forward(state, tokens[:, None], next_pos, key_valid)
+            next_pos = next_pos + 1
+
+        results = []
+        for i in range(n):
+            reason, matched = finish[i] or ("length", None)
+            text = self.tokenizer.decode(out_ids[i], skip_special_tokens=True)
+            if isinstance(matched, str):
+                cut = text.find(matched)
+                text = text[:cut] if cut >= 0 else text
+            results.append(GenerateResult(
+                output_ids=tuple(out_ids[i]), output_logprobs=tuple(out_lps[i]), text=text,
+                finish_reason=reason, prompt_tokens=prompt_lens[i], weight_version=self.weight_version,
+                matched_stop=matched,
+            ))
+        return results
+
+    def _generator(self, params: SamplingParams) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        if params.seed is not None:
+            return gen.manual_seed(int(params.seed) % (2**63))
+        return gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._unseeded)))
+
+    def _check_stop(self, out: list[int], params: SamplingParams, stop_ids: set[int]) -> tuple[str, Any] | None:
+        last = out[-1]
+        if last in stop_ids:
+            return ("stop", last)
+        if params.stop:
+            # a stop string of c characters spans at most 4c byte-level tokens
+            window = 4 * max(len(s) for s in params.stop) + 1
+            tail = self.tokenizer.decode(out[-window:], skip_special_tokens=False)
+            for s in params.stop:
+                if s in tail:
+                    return ("stop", s)
+        if len(out) >= params.max_new_tokens:
+            return ("length", None)
+        return None
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    for value in (eos if isinstance(eos, (list, tuple)) else [eos]):
+        if value is not None:
+            ids.add(int(value))
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+def describe_logprobs(params: SamplingParams) -> str:
+    """Human words for what the reported log-probs are, for model_info and reports."""
+    return (f"log_softmax(logits / {effective_temperature(params.temperature)}) after top_k={params.top_k}, "
+            f"top_p={params.top_p}")
