@@ -18,7 +18,7 @@ from ..sync.checksum import weights_checksum
 from ..types import GenerateRequest, GenerateResult, SamplingParams
 from .base import EngineClient
 from .model_runner import runner_for
-from .sampling import RowNoise, effective_temperature, sample_rows, sampling_logprobs
+from .sampling import RowNoise, sample_rows, sampling_logprobs
 
 
 class ReferenceEngine(EngineClient):
@@ -38,6 +38,15 @@ class ReferenceEngine(EngineClient):
         self._worker: asyncio.Task | None = None
         self.eos_ids = _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
+
+    @classmethod
+    def create(cls, model_dir: Path, *, tokenizer: Any, dtype: str, device: torch.device, seed: int = 0,
+               attn_implementation: str = "sdpa") -> ReferenceEngine:
+        """The engine's own copy of the weights in `model_dir`, on `device` in `dtype`."""
+        from ..models.loading import load_causal_lm
+
+        model = load_causal_lm(model_dir, dtype, device, attn_implementation)
+        return cls(model.requires_grad_(False), tokenizer, model_path=str(model_dir), seed=seed)
 
     # -- async API ----------------------------------------------------------------------------
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
@@ -221,9 +230,3 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-def describe_logprobs(params: SamplingParams) -> str:
-    """Human words for what the reported log-probs are, for model_info and reports."""
-    return (f"log_softmax(logits / {effective_temperature(params.temperature)}) after top_k={params.top_k}, "
-            f"top_p={params.top_p}")

@@ -1,0 +1,245 @@
+"""`agentbench-npu`: run gated scenarios, list what is installed, serve the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .config import Layer, load_toml, parse_set, profile_layer, resolve
+from .errors import UserError
+from .plugins import KINDS, Plugins, load_plugins
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+def _plugins(ctx: click.Context) -> Plugins:
+    return ctx.find_root().obj
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agentbench-npu")
+def cli() -> None:
+    """Every item of the Ascend RL bring-up checklist as a runnable, gated scenario."""
+
+
+# -- run -----------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("scenario")
+@click.option("--device", help="cpu | cuda | npu | auto (default: the recipe's, auto)")
+@click.option("--model", help="a tiny model name (tiny) or a local HF checkpoint dir")
+@click.option("--steps", type=int, help="total training steps (a resumed run continues up to this)")
+@click.option("--seed", type=int, help="run seed: tasks, sampling and init follow from it")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="run dir (default runs/<scenario>-<time>)")
+@click.option("--resume", type=click.Path(exists=True, path_type=Path), help="a checkpoint dir or a run dir to continue")
+@click.option("--profile", help="tiny, or a profile under scenarios/profiles (default: tiny for tiny models)")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="a TOML recipe over the scenario's own")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="any recipe key, e.g. train.lr=1e-4")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@click.pass_context
+def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, steps: int | None,
+        seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
+        overrides: tuple[str, ...], quiet: bool) -> None:
+    """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
+
+    Exit status: 0 passed, 1 a gate failed, 2 error.
+    """
+    from .runner import Runner
+
+    plugins = _plugins(ctx)
+    entry = plugins.get("scenario", scenario)
+    layers: list[Layer] = [entry.obj.recipe()]
+    flags: dict[str, dict[str, Any]] = {}
+    for section, key, value in (("run", "device", device), ("model", "name", model), ("run", "steps", steps),
+                                ("run", "seed", seed)):
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+    user_layers = ([load_toml(recipe)] if recipe else []) + [Layer(flags, "command-line flags"), parse_set(list(overrides))]
+    chosen_profile = profile or _default_profile(layers + user_layers)
+    if chosen_profile:
+        layers.append(profile_layer(chosen_profile))
+    task_defaults = dict(layers[0].values.get("task", {}))
+    config = resolve(entry.name, layers + user_layers, task_defaults)
+    config = dataclasses.replace(config, profile=chosen_profile or "")
+
+    out_dir = out or _default_out(entry.name, resume)
+    if out_dir.exists() and not resume and any(out_dir.iterdir()):
+        raise UserError(f"run dir '{out_dir}' exists and is not empty; pass another --out or --resume it")
+    runner = Runner(config, plugins, out_dir, resume=resume, progress=None if quiet else _RichProgress())
+    runner.prepare()
+    report = runner.execute()
+    _print_summary(report)
+    ctx.exit(EXIT_OK if report["status"] == "passed" else EXIT_GATE_FAILED)
+
+
+def _default_profile(layers: list[Layer]) -> str:
+    from .models.tiny import is_tiny
+
+    model = "tiny"
+    for layer in layers:
+        value = layer.values.get("model", {}).get("name")
+        if value is not None:
+            model = str(value)
+    return "tiny" if is_tiny(model) else ""
+
+
+def _default_out(scenario: str, resume: Path | None) -> Path:
+    if resume is not None:
+        from .training.checkpoint import find_checkpoint
+
+        run_dir = find_checkpoint(resume).parent.parent
+        if (run_dir / "report.json").is_file():
+            return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{scenario}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path("runs") / f"{scenario}-{stamp}-{n}"
+    return path
+
+
+class _RichProgress:
+    """Progress bars on stderr: the warm start, then one bar over steps with the latest metrics."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err_console,
+                             transient=False)
+        self._task: Any = None
+        self._started = False
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        if not self._started:
+            self._bar.start()
+            self._started = True
+        if self._task is not None:
+            self._bar.update(self._task, completed=self._bar.tasks[-1].total)
+        self._task = self._bar.add_task(name, total=total, info="")
+
+    def advance(self, done: int, **info: Any) -> None:
+        text = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+        self._bar.update(self._task, completed=done, info=text)
+
+    def step(self, metrics: Any, total: int) -> None:
+        info = (f"reward {metrics.reward_mean:.3f}  loss {metrics.loss:+.4f}  "
+                f"|Δlogp| {metrics.logprob_abs_diff_mean:.1e}  sync {metrics.weight_sync_seconds * 1000:.0f} ms")
+        self._bar.update(self._task, completed=metrics.step + 1, info=info)
+
+    def done(self) -> None:
+        if self._started:
+            self._bar.stop()
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['scenario']}: {report['status']}", title_justify="left")
+    for col in ("step", "reward", "loss", "kl", "|Δlogp| mean", "|Δlogp| max", "rollout s", "train s", "sync ms",
+                "checksum", "tok/s"):
+        table.add_column(col, justify="right")
+    for s in report["steps"]:
+        table.add_row(str(s["step"]), f"{s['reward_mean']:.3f}", f"{s['loss']:+.4f}", f"{s['kl']:.1e}",
+                      f"{s['logprob_abs_diff_mean']:.1e}", f"{s['logprob_abs_diff_max']:.1e}",
+                      f"{s['rollout_seconds']:.2f}", f"{s['train_seconds']:.2f}",
+                      f"{s['weight_sync_seconds'] * 1000:.1f}", "ok" if s["weights_checksum_match"] else "MISMATCH",
+                      f"{s['tokens_per_second']:.0f}")
+    out_console.print(table)
+    for gate in report["gates"]:
+        mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
+        out_console.print(f"gate {gate['name']}: {mark} value={gate['value']} threshold={gate['threshold']} {gate['detail']}")
+    out_console.print(f"report: {Path(report['run_dir']) / 'report.json'}")
+
+
+# -- list ----------------------------------------------------------------------------------------
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def list_(ctx: click.Context, as_json: bool) -> None:
+    """Scenarios, devices, engines, sandboxes and gates, with the plugin and distribution behind each."""
+    plugins = _plugins(ctx)
+    rows = {kind: [
+        {"name": r.name, "plugin": r.plugin, "distribution": r.distribution, "version": r.version,
+         "description": r.description, **({"checklist_item": getattr(r.obj, "checklist_item", "")} if kind == "scenario" else {})}
+        for r in sorted(plugins.items(kind).values(), key=lambda r: r.name)
+    ] for kind in KINDS}
+    plugin_rows = [{"plugin": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)}
+                   for p in plugins.plugins()]
+    if as_json:
+        click.echo(json.dumps({"items": rows, "plugins": plugin_rows}, indent=2))
+        return
+    for kind, items in rows.items():
+        table = Table(title=f"{kind}s", title_justify="left")
+        for col in ("name", "plugin", "distribution", "description"):
+            table.add_column(col)
+        for item in items:
+            table.add_row(item["name"], item["plugin"], f"{item['distribution']} {item['version']}", item["description"])
+        if not items:
+            table.add_row("(none yet)", "", "", "")
+        out_console.print(table)
+    table = Table(title="plugins", title_justify="left")
+    for col in ("plugin", "distribution", "hooks"):
+        table.add_column(col)
+    for p in plugin_rows:
+        table.add_row(p["plugin"], f"{p['distribution']} {p['version']}", ", ".join(p["hooks"]))
+    out_console.print(table)
+
+
+# -- serve ---------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--model", default="tiny", show_default=True, help="a tiny model name or a local HF checkpoint dir")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=30000, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_context
+def serve(ctx: click.Context, model: str, device: str, dtype: str, host: str, port: int, seed: int) -> None:
+    """Serve the reference engine over HTTP: SGLang's native API subset and OpenAI chat completions."""
+    from .devices import resolve_device
+    from .engines.reference import ReferenceEngine
+    from .engines.server import serve as serve_http
+    from .models.loading import load_tokenizer, resolve_model_dir
+
+    plugins = _plugins(ctx)
+    dev = resolve_device(device, {name: r.obj for name, r in plugins.items("device").items()})
+    path = resolve_model_dir(model)
+    engine = ReferenceEngine.create(path, tokenizer=load_tokenizer(path), dtype=dtype, device=dev.torch_device(),
+                                    seed=seed)
+    err_console.print(f"serving {path} on http://{host}:{port} ({dev.name}, {dtype})")
+    serve_http(engine, host=host, port=port)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors and exit 2 for anything the user can fix."""
+    try:
+        plugins = load_plugins()
+        cli.obj = plugins
+        plugins.add_commands(cli)
+        cli.main(args=argv, prog_name="agentbench-npu", obj=plugins, standalone_mode=False)
+    except UserError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(EXIT_ERROR)
+
+
+if __name__ == "__main__":
+    main()

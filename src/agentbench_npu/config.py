@@ -1,0 +1,306 @@
+"""The typed run config: scenario recipe ← profile ← flags ← `--set key=value`, validated.
+
+Every value has one home, a dotted field path (`train.lr`, `rollout.max_new_tokens`, `task.ops`);
+errors name that path, the file and line it came from when it came from a file, and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError, close_names
+from .training.trainer import TrainConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class RunSection:
+    steps: int = 10
+    seed: int = 0
+    device: str = "auto"
+    engine: str = "reference"
+    deterministic: bool = True
+    threads: int = 0  # torch intra-op threads; 0 = leave torch's default
+    out: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = "tiny"
+    dtype: str = "float32"
+    engine_dtype: str = ""  # "" = same as dtype
+    seed: int = 0  # tiny models only: the seed they are built from
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+
+
+@dataclass(frozen=True)
+class WarmStartSection:
+    """Supervised warm start on the scenario's demonstrations (tiny profile), cached by content."""
+
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 5e-3
+    demonstrations: int = 2000
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = ""  # JSONL with `prompt` and `label` per line; "" = the scenario's generated tasks
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 0  # save every N steps; 0 = only after the last step
+    keep: int = 2  # newest checkpoints kept; 0 = all
+    save: bool = True
+
+
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("temperature", "top_p", "top_k"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scenario: str
+    profile: str = ""
+    run: RunSection = RunSection()
+    model: ModelSection = ModelSection()
+    rollout: RolloutSection = RolloutSection()
+    train: dict[str, Any] = field(default_factory=dict)
+    warm_start: WarmStartSection = WarmStartSection()
+    data: DataSection = DataSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
+
+    def train_config(self) -> TrainConfig:
+        r = self.rollout
+        return TrainConfig(**self.train, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """A hash of everything that changes results (not where output goes)."""
+        data = self.to_dict()
+        data["run"] = {k: v for k, v in data["run"].items() if k != "out"}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection, "model": ModelSection, "rollout": RolloutSection, "warm_start": WarmStartSection,
+    "data": DataSection, "checkpoint": CheckpointSection,
+}
+TOP_LEVEL = ("scenario", "profile", "checklist_item", "description")
+
+
+def _train_defaults() -> dict[str, Any]:
+    defaults = TrainConfig()
+    return {k: getattr(defaults, k) for k in TRAIN_KEYS}
+
+
+def section_defaults(task_defaults: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {name: dataclasses.asdict(cls()) for name, cls in SECTIONS.items()}
+    out["train"] = _train_defaults()
+    out["task"] = dict(task_defaults)
+    return out
+
+
+def valid_keys(task_defaults: Mapping[str, Any]) -> list[str]:
+    return sorted(f"{s}.{k}" for s, keys in section_defaults(task_defaults).items() for k in keys)
+
+
+# -- sources ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layer:
+    """Values from one source: a nested dict and where it came from (for error messages)."""
+
+    values: Mapping[str, Any]
+    source: str
+    text: str = ""  # the file's text, to find line numbers
+
+    def where(self, section: str, key: str) -> str:
+        if not self.text:
+            return self.source
+        line = _find_line(self.text, section, key)
+        return f"{self.source}:{line}" if line else self.source
+
+
+def _find_line(text: str, section: str, key: str) -> int | None:
+    current = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = re.match(r"\s*\[([^\]]+)\]", line)
+        if header:
+            current = header.group(1).strip()
+            continue
+        if re.match(rf"\s*{re.escape(key)}\s*=", line) and current in (section, ""):
+            return number
+        if re.match(rf"\s*{re.escape(section)}\.{re.escape(key)}\s*=", line):
+            return number
+    return None
+
+
+def load_toml(path: Path, source: str | None = None) -> Layer:
+    source = source or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read recipe: {exc.strerror}") from exc
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from exc
+    return Layer(values, source, text)
+
+
+def packaged_recipe(relative: str) -> Layer | None:
+    """A TOML shipped in the package's scenarios/ folder (recipes and profiles)."""
+    ref = resources.files("agentbench_npu.scenarios").joinpath(relative)
+    if not ref.is_file():
+        return None
+    text = ref.read_text(encoding="utf-8")
+    return Layer(tomllib.loads(text), f"scenarios/{relative}", text)
+
+
+def profile_layer(name: str) -> Layer:
+    layer = packaged_recipe(f"profiles/{name}.toml")
+    if layer is None:
+        available = sorted(p.name[:-5] for p in resources.files("agentbench_npu.scenarios").joinpath("profiles").iterdir()
+                           if p.name.endswith(".toml"))
+        raise ConfigError(f"unknown profile '{name}'{close_names(name, available)}; available: {', '.join(available)}")
+    return layer
+
+
+def parse_set(items: list[str]) -> Layer:
+    """`--set section.key=value` pairs → a layer of strings (typed later against the defaults)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set '{item}': keys look like section.key (e.g. rollout.temperature)")
+        values.setdefault(parts[0], {})[parts[1]] = _Raw(raw.strip())
+    return Layer(values, "--set")
+
+
+class _Raw(str):
+    """A string from the command line, to be converted to the field's type."""
+
+
+def _coerce(value: Any, default: Any, path: str, where: str) -> Any:
+    target = type(default)
+    if isinstance(value, _Raw):
+        text = str(value)
+        try:
+            if target is bool:
+                lowered = text.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return lowered in ("true", "1", "yes")
+            if target is int:
+                return int(text)
+            if target is float:
+                return float(text)
+            if target is list:
+                return json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",") if s.strip()]
+            return text
+        except ValueError:
+            raise ConfigError(
+                f"{where}: {path} must be {_type_word(target)}, got '{text}'"
+            ) from None
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, target) or (target is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {path} must be {_type_word(target)}, got {value!r}")
+    return value
+
+
+def _type_word(t: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}.get(t, t.__name__)
+
+
+def resolve(scenario: str, layers: list[Layer], task_defaults: Mapping[str, Any]) -> RunConfig:
+    """Merge layers (later wins) over the defaults, checking every key and type."""
+    merged = section_defaults(task_defaults)
+    top: dict[str, Any] = {"scenario": scenario, "profile": ""}
+    for layer in layers:
+        for section, body in layer.values.items():
+            if section in TOP_LEVEL and not isinstance(body, dict):
+                if section == "profile":
+                    top["profile"] = str(body)
+                continue
+            if section not in merged:
+                names = sorted(merged) + list(TOP_LEVEL)
+                raise ConfigError(
+                    f"{layer.source}: unknown section '{section}'{close_names(section, names)}; "
+                    f"valid sections: {', '.join(sorted(merged))}"
+                )
+            if not isinstance(body, dict):
+                raise ConfigError(f"{layer.source}: '{section}' must be a table of keys")
+            for key, value in body.items():
+                path = f"{section}.{key}"
+                if key not in merged[section]:
+                    keys = sorted(f"{section}.{k}" for k in merged[section])
+                    raise ConfigError(
+                        f"{layer.where(section, key)}: unknown key '{path}'{close_names(path, keys)}; "
+                        f"valid keys: {', '.join(keys)}"
+                    )
+                merged[section][key] = _coerce(value, merged[section][key], path, layer.where(section, key))
+    _check_values(merged)
+    return RunConfig(
+        scenario=top["scenario"], profile=top["profile"],
+        run=RunSection(**merged["run"]), model=ModelSection(**merged["model"]),
+        rollout=RolloutSection(**merged["rollout"]), train=merged["train"],
+        warm_start=WarmStartSection(**merged["warm_start"]), data=DataSection(**merged["data"]),
+        checkpoint=CheckpointSection(**merged["checkpoint"]), task=merged["task"],
+    )
+
+
+_POSITIVE = ("run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
+             "train.micro_batch_size", "train.num_minibatches", "warm_start.batch_size")
+_NON_NEGATIVE = ("run.threads", "warm_start.steps", "checkpoint.every", "checkpoint.keep", "train.warmup_steps",
+                 "rollout.temperature", "train.kl_coef", "train.grad_clip")
+
+
+def _check_values(merged: dict[str, dict[str, Any]]) -> None:
+    def get(path: str) -> Any:
+        s, k = path.split(".")
+        return merged[s][k]
+
+    for path in _POSITIVE:
+        if get(path) <= 0:
+            raise ConfigError(f"{path} must be > 0, got {get(path)}")
+    for path in _NON_NEGATIVE:
+        if get(path) < 0:
+            raise ConfigError(f"{path} must be >= 0, got {get(path)}")
+    if not 0 < get("rollout.top_p") <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {get('rollout.top_p')}")
+    if get("rollout.top_k") == 0 or get("rollout.top_k") < -1:
+        raise ConfigError(f"rollout.top_k must be -1 (off) or >= 1, got {get('rollout.top_k')}")
+    if get("train.lr") <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {get('train.lr')}")
+    for path in ("model.dtype",) + (("model.engine_dtype",) if get("model.engine_dtype") else ()):
+        if get(path) not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"{path} must be one of float32, bfloat16, float16; got '{get(path)}'")

@@ -1,0 +1,52 @@
+"""Loading task files: JSONL with `prompt` and `label` per line (the format slime-style recipes use)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from .errors import UserError
+from .types import Task
+
+
+def load_jsonl_tasks(path: str | Path, prompt_key: str = "prompt", label_key: str = "label") -> list[Task]:
+    """Every line a JSON object with a prompt (string or chat messages) and a label; errors name file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"dataset '{path}' does not exist; set data.path to a JSONL file")
+    tasks: list[Task] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where}: expected a JSON object with '{prompt_key}' and '{label_key}'")
+            missing = [k for k in (prompt_key, label_key) if k not in row]
+            if missing:
+                raise UserError(f"{where}: missing field {', '.join(repr(m) for m in missing)}")
+            prompt = row[prompt_key]
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
+                raise UserError(f"{where}: '{prompt_key}' must be a string or a list of chat messages")
+            metadata = {k: v for k, v in row.items() if k not in (prompt_key, label_key)}
+            tasks.append(Task(id=str(row.get("id", f"{path.stem}-{number}")), prompt=prompt,
+                              label=row[label_key], metadata=metadata))
+    if not tasks:
+        raise UserError(f"dataset '{path}' has no tasks")
+    return tasks
+
+
+def take(tasks: list[Task], seed: int, cursor: int, count: int) -> list[Task]:
+    """`count` tasks from position `cursor` of a per-epoch seeded shuffle (deterministic, resumable)."""
+    out = []
+    for position in range(cursor, cursor + count):
+        epoch, index = divmod(position, len(tasks))
+        order = list(range(len(tasks)))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        out.append(tasks[order[index]])
+    return out

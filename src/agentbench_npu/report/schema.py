@@ -1,0 +1,72 @@
+"""report.json: a public, versioned schema. Field names here are a contract with users' tooling.
+
+schema_version 1:
+  schema_version, scenario, checklist_item, status (running | passed | failed | error), error,
+  started_at, finished_at, run_dir, environment {...}, config {...fully resolved...}, config_digest,
+  steps [ {step, reward_mean, reward_std, loss, kl, entropy, logprob_abs_diff_mean,
+           logprob_abs_diff_max, rollout_seconds, train_seconds, weight_sync_seconds,
+           weights_checksum_match, tokens_per_second, ...extra metrics} ],
+  gates [ {name, passed, value, threshold, detail} ], checkpoints [paths], summary {...}
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import platform
+import socket
+import sys
+from typing import Any
+
+import torch
+
+from .. import __version__
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "passed", "failed", "error")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: Any) -> dict[str, Any]:
+    env: dict[str, Any] = dict(device.environment()) if device is not None else {}
+    env.update({
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "agentbench_npu": __version__,
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    })
+    for dist, key in (("torch_npu", "torch_npu"), ("sglang", "sglang"), ("megatron-core", "megatron_core")):
+        version = _version(dist)
+        if version:
+            env[key] = version
+    cann = os.environ.get("ASCEND_TOOLKIT_HOME") or os.environ.get("ASCEND_HOME_PATH")
+    if cann:
+        env["cann_home"] = cann
+    env["argv"] = sys.argv[1:]
+    return env
+
+
+def summarise(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    if not steps:
+        return {}
+    first, last = steps[0], steps[-1]
+    return {
+        "steps": len(steps),
+        "reward_first": first["reward_mean"],
+        "reward_last": last["reward_mean"],
+        "reward_mean": sum(s["reward_mean"] for s in steps) / len(steps),
+        "logprob_abs_diff_mean_max": max(s["logprob_abs_diff_mean"] for s in steps),
+        "logprob_abs_diff_max_max": max(s["logprob_abs_diff_max"] for s in steps),
+        "weights_checksum_match_all": all(s["weights_checksum_match"] for s in steps),
+        "weight_sync_seconds_mean": sum(s["weight_sync_seconds"] for s in steps) / len(steps),
+        "tokens_per_second_mean": sum(s["tokens_per_second"] for s in steps) / len(steps),
+    }

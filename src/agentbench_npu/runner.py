@@ -1,0 +1,296 @@
+"""The loop: tasks → rollout → reward → train step → weight sync → record, then gates and the report.
+
+Nothing here knows a device, an engine or a scenario by name: it talks to their interfaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .datasets import load_jsonl_tasks, take
+from .devices import Device, resolve_device
+from .errors import UserError, one_line
+from .models.loading import load_causal_lm, load_tokenizer, resolve_model_dir, torch_dtype
+from .paths import atomic_write_json
+from .plugins import Plugins
+from .report.schema import SCHEMA_VERSION, environment, summarise
+from .rollout import collect
+from .sync import ColocateSync
+from .training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .training.trainer import Trainer
+from .training.warm_start import ensure_warm_start
+from .types import SamplingParams, StepMetrics, Task
+
+
+class Progress:
+    """What a run tells its watcher. The CLI draws bars; tests and libraries use this silent default."""
+
+    def phase(self, name: str, total: int | None = None) -> None: ...
+
+    def advance(self, done: int, **info: Any) -> None: ...
+
+    def step(self, metrics: StepMetrics, total: int) -> None: ...
+
+    def done(self) -> None: ...
+
+
+@dataclass
+class Run:
+    """The live state of one run, as plugins' lifecycle hooks see it."""
+
+    config: RunConfig
+    scenario: Any
+    out_dir: Path
+    device: Device | None = None
+    steps: list[StepMetrics] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    resumed_from: str | None = None
+    model_dir: str = ""
+
+
+class Runner:
+    def __init__(self, config: RunConfig, plugins: Plugins, out_dir: Path, *, resume: Path | None = None,
+                 progress: Progress | None = None):
+        self.config = config
+        self.plugins = plugins
+        self.scenario = plugins.get("scenario", config.scenario).obj
+        self.progress = progress or Progress()
+        self.resume_path = resume
+        self.run = Run(config=config, scenario=self.scenario, out_dir=Path(out_dir))
+        self._dataset: list[Task] | None = None
+
+    # -- set-up: everything that can fail on bad input fails here, before the run dir exists --
+    def prepare(self) -> None:
+        c = self.config
+        devices = {name: r.obj for name, r in self.plugins.items("device").items()}
+        self.device = resolve_device(c.run.device, devices)
+        self.run.device = self.device
+        if c.data.path:
+            self._dataset = load_jsonl_tasks(c.data.path)
+        self.checkpoint: Checkpoint | None = load_checkpoint(self.resume_path) if self.resume_path else None
+        if self.checkpoint is not None:
+            start = self.checkpoint.step
+            if self.checkpoint.state.get("scenario") != c.scenario:
+                raise UserError(f"checkpoint '{self.checkpoint.path}' is of scenario "
+                                f"'{self.checkpoint.state.get('scenario')}', not '{c.scenario}'")
+            if start >= c.run.steps:
+                raise UserError(f"checkpoint '{self.checkpoint.path}' is already at step {start}; "
+                                f"pass --steps larger than {start} to continue")
+        self.engine_factory = self.plugins.get("engine", c.run.engine).obj
+        torch_dtype(c.model.dtype)
+        self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
+
+    def _setup(self) -> None:
+        c = self.config
+        if c.run.threads:
+            torch.set_num_threads(c.run.threads)
+        self.device.set_deterministic(c.run.deterministic)
+        self.device.seed(c.run.seed)
+        if self.checkpoint is not None:
+            model_dir = self.checkpoint.model_dir
+            self.run.resumed_from = str(self.checkpoint.path)
+        elif c.warm_start.steps > 0 and hasattr(self.scenario, "demonstrations"):
+            self.progress.phase("warm start", c.warm_start.steps)
+            model_dir = ensure_warm_start(
+                self.base_model_dir, self.scenario, c.task, c.warm_start.__dict__, c.model.seed,
+                progress=lambda done, loss: self.progress.advance(done, loss=loss),
+            )
+        else:
+            model_dir = self.base_model_dir
+        self.run.model_dir = str(model_dir)
+        torch_device = self.device.torch_device()
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = load_causal_lm(model_dir, c.model.dtype, torch_device, c.model.attn_implementation)
+        self.engine = self.engine_factory.create(
+            model_dir, tokenizer=self.tokenizer, dtype=c.model.engine_dtype or c.model.dtype,
+            device=torch_device, seed=c.run.seed, attn_implementation=c.model.attn_implementation,
+        )
+        self.trainer = Trainer(self.model, c.train_config(), torch_device, self.tokenizer.pad_token_id)
+        self.sync = ColocateSync()
+        self.start_step, self.cursor = 0, 0
+        if self.checkpoint is not None:
+            self.trainer.load_state_dict(self.checkpoint.trainer)
+            self.device.set_rng_state(self.checkpoint.rng)
+            self.start_step = self.checkpoint.step
+            self.cursor = int(self.checkpoint.state["cursor"])
+            self.engine.weight_version = int(self.checkpoint.state.get("weight_version", 0))
+        first = self.sync.push(self.model, self.engine)
+        if not first.checksums_match:
+            raise UserError("the engine does not hold the trainer's initial weights (checksum mismatch)")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        """Run every step; returns the final report. Call prepare() first."""
+        out = self.run.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        self.samples_path = out / "samples.jsonl"
+        if self.checkpoint is None:
+            self.samples_path.write_text("")
+        else:
+            self._carry_over_history()
+        try:
+            self._setup()
+            self.plugins.call("run_started", run=self.run)
+            total = self.config.run.steps
+            self.progress.phase("steps", total)
+            for step in range(self.start_step, total):
+                metrics = self._step(step)
+                self.run.steps.append(metrics)
+                self._write_report("running")
+                self.progress.step(metrics, total)
+                self.plugins.call("step_finished", run=self.run, step=step, metrics=metrics)
+                if self._checkpoint_due(step + 1):
+                    self._save_checkpoint(step + 1)
+            status = "passed"
+            report = self._write_report(status)
+        except UserError as exc:
+            self._write_report("error", error=str(exc))
+            raise
+        except Exception as exc:
+            self._write_report("error", error=one_line(exc))
+            raise
+        finally:
+            self.progress.done()
+        self.plugins.call("run_finished", run=self.run, report=report)
+        return report
+
+    def _tasks(self, count: int) -> list[Task]:
+        c = self.config
+        if self._dataset is not None:
+            tasks = take(self._dataset, c.run.seed, self.cursor, count)
+        else:
+            tasks = self.scenario.tasks(c.task, c.run.seed, self.cursor, count)
+        self.cursor += count
+        return tasks
+
+    def _step(self, step: int) -> StepMetrics:
+        c = self.config
+        r = c.rollout
+        tasks = self._tasks(r.prompts_per_step)
+        sampling = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                  top_k=r.top_k)
+        t0 = time.perf_counter()
+        batch = asyncio.run(collect(
+            self.scenario, self.engine, self.tokenizer, tasks, step=step, seed=c.run.seed,
+            samples_per_prompt=r.samples_per_prompt, sampling=sampling, options=c.task,
+        ))
+        rollout_seconds = time.perf_counter() - t0
+        trajs = batch.trajectories
+        t1 = time.perf_counter()
+        train = self.trainer.train_step(trajs)
+        self.device.synchronize()
+        train_seconds = time.perf_counter() - t1
+        sync = self.sync.push(self.model, self.engine)
+        rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
+        generated = sum(t.num_trainable for t in trajs)
+        self._append_samples(step, trajs)
+        extra = {k: v for k, v in train.items() if k not in ("loss", "kl", "entropy", "logprob_abs_diff_mean",
+                                                            "logprob_abs_diff_max")}
+        extra.update({
+            "trajectories": len(trajs),
+            "truncated_fraction": sum(t.status == "truncated" for t in trajs) / len(trajs),
+            "response_length_mean": sum(t.response_length for t in trajs) / len(trajs),
+            "weight_version": sync.weight_version,
+            "weight_sync_bytes": sync.bytes,
+            "weight_sync_tensors": sync.tensors,
+            "weights_checksum": sync.engine_checksum,
+        })
+        return StepMetrics(
+            step=step, reward_mean=float(rewards.mean()),
+            reward_std=float(rewards.std()) if len(trajs) > 1 else 0.0,
+            loss=train["loss"], kl=train["kl"], entropy=train["entropy"],
+            logprob_abs_diff_mean=train["logprob_abs_diff_mean"], logprob_abs_diff_max=train["logprob_abs_diff_max"],
+            rollout_seconds=rollout_seconds, train_seconds=train_seconds, weight_sync_seconds=sync.seconds,
+            weights_checksum_match=sync.checksums_match,
+            tokens_per_second=generated / rollout_seconds if rollout_seconds > 0 else 0.0,
+            extra=extra,
+        )
+
+    # -- records -------------------------------------------------------------------------------
+    def _append_samples(self, step: int, trajs: list) -> None:
+        lines = []
+        for t in trajs:
+            lines.append(json.dumps({
+                "step": step, "task_id": t.task_id, "group": t.group, "reward": t.reward, "status": t.status,
+                "prompt": self.tokenizer.decode(t.prompt_ids, skip_special_tokens=False),
+                "response": t.response_text, "response_tokens": t.response_length,
+                "trainable_tokens": t.num_trainable, "weight_version": t.weight_version,
+            }))
+        with self.samples_path.open("a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+    def _carry_over_history(self) -> None:
+        """A resumed run continues the steps and samples recorded before its checkpoint."""
+        assert self.checkpoint is not None
+        origin, upto = self.checkpoint.path.parent.parent, self.checkpoint.step
+        steps: list[StepMetrics] = []
+        rows: list[str] = []
+        if (origin / "report.json").is_file():
+            old = json.loads((origin / "report.json").read_text())
+            steps = [_metrics_from_dict(s) for s in old.get("steps", []) if s["step"] < upto]
+        if (origin / "samples.jsonl").is_file():
+            rows = [r for r in (origin / "samples.jsonl").read_text().splitlines() if r and json.loads(r)["step"] < upto]
+        self.run.steps = steps
+        self.samples_path.write_text("".join(r + "\n" for r in rows))
+
+    def _checkpoint_due(self, done: int) -> bool:
+        c = self.config.checkpoint
+        if not c.save:
+            return False
+        return done == self.config.run.steps or (c.every > 0 and done % c.every == 0)
+
+    def _save_checkpoint(self, done: int) -> None:
+        root = self.run.out_dir / "checkpoints"
+        path = save_checkpoint(
+            root / f"step-{done:06d}", model=self.model, tokenizer=self.tokenizer,
+            trainer_state=self.trainer.state_dict(), rng_state=self.device.rng_state(),
+            state={"step": done, "cursor": self.cursor, "weight_version": self.engine.weight_version,
+                   "scenario": self.config.scenario, "config_digest": self.config.digest(),
+                   "weights_checksum": self.engine.checksum()},
+        )
+        self.run.checkpoints.append(str(path))
+        keep = self.config.checkpoint.keep
+        existing = sorted(root.glob("step-*"))
+        for old in existing[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        self.run.checkpoints = [str(p) for p in sorted(root.glob("step-*"))]
+
+    def _write_report(self, status: str, error: str | None = None) -> dict[str, Any]:
+        steps = [s.to_dict() for s in self.run.steps]
+        report = {
+            "schema_version": SCHEMA_VERSION,
+            "scenario": self.config.scenario,
+            "checklist_item": getattr(self.scenario, "checklist_item", ""),
+            "status": status,
+            "error": error,
+            "started_at": self.run.started_at,
+            "finished_at": None if status == "running" else datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_dir": str(self.run.out_dir),
+            "resumed_from": self.run.resumed_from,
+            "model_dir": self.run.model_dir,
+            "environment": environment(getattr(self, "device", None)),
+            "config": self.config.to_dict(),
+            "config_digest": self.config.digest(),
+            "steps": steps,
+            "gates": [],
+            "checkpoints": self.run.checkpoints,
+            "summary": summarise(steps),
+        }
+        atomic_write_json(self.run.out_dir / "report.json", report)
+        return report
+
+
+def _metrics_from_dict(row: dict[str, Any]) -> StepMetrics:
+    names = set(StepMetrics.__dataclass_fields__) - {"extra"}
+    return StepMetrics(**{k: row[k] for k in names}, extra={k: v for k, v in row.items() if k not in names})

@@ -1,0 +1,62 @@
+"""What a scenario is, and the context its agent loop gets. Workload code lives in plugins, not here."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Mapping, Protocol, Sequence, runtime_checkable
+
+from .config import Layer
+from .engines.base import EngineClient
+from .types import SamplingParams, Task, Trajectory
+
+
+@runtime_checkable
+class Scenario(Protocol):
+    """The scenario contract (register it with `register_scenarios`).
+
+    name            unique name used by `agentbench-npu run NAME`
+    checklist_item  the item of the Ascend bring-up checklist it validates
+    recipe()        its default recipe (config.Layer); `[task]` keys are its own options
+    tasks(...)      deterministic tasks from (seed, cursor): the same arguments give the same tasks
+    rollout(ctx, task)   async agent loop → Trajectory or list of Trajectory
+    reward(task, traj)   float reward for one trajectory
+    Optional: demonstrations(options, count, rng) → [(messages, response_text)] for the tiny warm start.
+    """
+
+    name: str
+    checklist_item: str
+
+    def recipe(self) -> Layer: ...
+
+    def tasks(self, options: Mapping[str, Any], seed: int, cursor: int, count: int) -> list[Task]: ...
+
+    def rollout(self, ctx: RolloutContext, task: Task) -> Awaitable[Trajectory | list[Trajectory]]: ...
+
+    def reward(self, task: Task, traj: Trajectory) -> float: ...
+
+
+@dataclass
+class RolloutContext:
+    """What an agent loop may use, and nothing else."""
+
+    engine: EngineClient
+    tokenizer: Any
+    sampling: SamplingParams
+    options: Mapping[str, Any]
+    rng: random.Random
+    services: Mapping[str, Any] = field(default_factory=dict)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("agentbench_npu.rollout"))
+
+    def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+               add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat rendered with the model's own chat template."""
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def prompt_ids(self, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.render(messages)

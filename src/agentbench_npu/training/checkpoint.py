@@ -1,0 +1,94 @@
+"""Checkpoints that a killed run cannot half-write: temp dir + rename, a manifest of SHA-256 sums.
+
+Layout of one checkpoint dir:
+  model/          an ordinary HF checkpoint (config, safetensors, tokenizer): `--model DIR/model` works
+  trainer.pt      optimizer and scheduler state
+  rng.pt          python, numpy, torch and device RNG states
+  state.json      step, data cursor, weight version, config digest, scenario
+  manifest.json   sha256 of every file above, verified on load
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from ..paths import atomic_directory
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]
+    trainer: dict[str, Any]
+    rng: dict[str, Any]
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, trainer_state: dict[str, Any],
+                    rng_state: dict[str, Any], state: dict[str, Any]) -> Path:
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        torch.save(rng_state, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return path
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint dir, or a run dir / checkpoints dir → its newest complete checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    for candidates in (path / "checkpoints", path):
+        if candidates.is_dir():
+            found = sorted(p for p in candidates.glob("step-*") if (p / MANIFEST).is_file())
+            if found:
+                return found[-1]
+    raise UserError(f"no checkpoint in '{path}': expected a checkpoint dir (with {MANIFEST}) or a run dir")
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = find_checkpoint(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint '{path}': unreadable {MANIFEST} ({exc})") from exc
+    for name, digest in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"checkpoint '{path}' is incomplete: {name} is missing")
+        if _sha256(file) != digest:
+            raise UserError(f"checkpoint '{path}' is corrupt: {name} does not match its checksum in {MANIFEST}")
+    state = json.loads((path / "state.json").read_text())
+    # our own files, verified against the manifest above: full unpickling is safe here
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
+    return Checkpoint(path=path, state=state, trainer=trainer, rng=rng)
