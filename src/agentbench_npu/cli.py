@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -146,19 +147,17 @@ class _RichProgress:
 
 def _print_summary(report: dict[str, Any]) -> None:
     table = Table(title=f"{report['scenario']}: {report['status']}", title_justify="left")
-    for col in ("step", "reward", "loss", "kl", "|Δlogp| mean", "|Δlogp| max", "rollout s", "train s", "sync ms",
-                "checksum", "tok/s"):
-        table.add_column(col, justify="right")
+    for col in ("step", "reward", "loss", "Δlogp mean", "Δlogp max", "roll s", "train s", "sync ms", "weights"):
+        table.add_column(col, justify="right", no_wrap=True)
     for s in report["steps"]:
-        table.add_row(str(s["step"]), f"{s['reward_mean']:.3f}", f"{s['loss']:+.4f}", f"{s['kl']:.1e}",
+        table.add_row(str(s["step"]), f"{s['reward_mean']:.3f}", f"{s['loss']:+.4f}",
                       f"{s['logprob_abs_diff_mean']:.1e}", f"{s['logprob_abs_diff_max']:.1e}",
                       f"{s['rollout_seconds']:.2f}", f"{s['train_seconds']:.2f}",
-                      f"{s['weight_sync_seconds'] * 1000:.1f}", "ok" if s["weights_checksum_match"] else "MISMATCH",
-                      f"{s['tokens_per_second']:.0f}")
+                      f"{s['weight_sync_seconds'] * 1000:.1f}", "synced" if s["weights_checksum_match"] else "MISMATCH")
     out_console.print(table)
     for gate in report["gates"]:
         mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        out_console.print(f"gate {gate['name']}: {mark} value={gate['value']} threshold={gate['threshold']} {gate['detail']}")
+        out_console.print(f"gate {gate['name']}: {mark} value={gate['value']} threshold={gate['threshold']} {escape(str(gate['detail']))}")
     out_console.print(f"report: {Path(report['run_dir']) / 'report.json'}")
 
 
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         plugins.add_commands(cli)
         cli.main(args=argv, prog_name="agentbench-npu", obj=plugins, standalone_mode=False)
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)

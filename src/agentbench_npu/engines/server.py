@@ -37,13 +37,16 @@ def _need(value: Any, ok: bool, path: str, what: str) -> Any:
     return value
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _int(v: Any, path: str) -> int:
-    return _need(v, isinstance(v, int) and not isinstance(v, bool), path, "an integer")
+    return _need(v, _is_int(v), path, "an integer")
 
 
 def _float(v: Any, path: str) -> float:
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    return float(_need(v, ok, path, "a finite number"))
+    return float(_need(v, (_is_int(v) or isinstance(v, float)) and math.isfinite(v), path, "a finite number"))
 
 
 def _bool(v: Any, path: str) -> bool:
@@ -53,12 +56,11 @@ def _bool(v: Any, path: str) -> bool:
 def _strs(v: Any, path: str) -> tuple[str, ...]:
     items = [v] if isinstance(v, str) else v
     ok = isinstance(items, list) and all(isinstance(s, str) and s for s in items)
-    return tuple(_need(v, ok, path, "a non-empty string or a list of them"))
+    return tuple(_need(items, ok, path, "a non-empty string or a list of them"))
 
 
 def _ints(v: Any, path: str) -> tuple[int, ...]:
-    ok = isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
-    return tuple(_need(v, ok, path, "a list of integers"))
+    return tuple(_need(v, isinstance(v, list) and all(map(_is_int, v)), path, "a list of integers"))
 
 
 # SGLang sampling field -> (our SamplingParams field, converter). `seed` is accepted as an alias.
@@ -135,10 +137,6 @@ def generate_response(result: GenerateResult, rid: str, return_logprob: bool,
     return {"text": result.text, "output_ids": list(result.output_ids), "meta_info": meta}
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
 async def _json_body(request: fastapi.Request) -> dict[str, Any]:
     try:
         body = await request.json()
@@ -155,17 +153,17 @@ def create_app(engine: ReferenceEngine) -> fastapi.FastAPI:
     context = getattr(engine.model.config, "max_position_embeddings", None)
     served_name = engine.model_path or engine.name
 
-    @app.exception_handler(BadRequest)
-    async def bad_request(_: fastapi.Request, exc: BadRequest) -> JSONResponse:
-        return _error(400, str(exc), "invalid_request_error")
+    async def error(_: fastapi.Request, exc: Exception) -> JSONResponse:  # OpenAI's error shape, one line
+        status, kind = (400, "invalid_request_error") if isinstance(exc, BadRequest) else (500, "internal_error")
+        message = str(exc) if status == 400 else one_line(exc)
+        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
-    @app.exception_handler(Exception)
-    async def internal(_: fastapi.Request, exc: Exception) -> JSONResponse:
-        return _error(500, one_line(exc), "internal_error")
+    # separate registrations: Starlette logs a traceback for what reaches its catch-all handler
+    app.add_exception_handler(BadRequest, error)
+    app.add_exception_handler(Exception, error)
 
     def check_prompt(ids: Any, path: str, max_new_tokens: int) -> tuple[int, ...]:
-        ok = isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab
-                                           for i in ids)
+        ok = isinstance(ids, list) and all(_is_int(i) and 0 <= i < vocab for i in ids)
         _need(ids, ok, path, f"a list of token ids in [0, {vocab})")
         if not ids:
             raise BadRequest(f"{path} is empty; every request needs at least one input token")
@@ -209,8 +207,8 @@ def create_app(engine: ReferenceEngine) -> fastapi.FastAPI:
             requests.append(GenerateRequest(check_prompt(ids, path, sp.max_new_tokens), sp))
         rids = body.get("rid")
         rids = rids if isinstance(rids, list) and len(rids) == len(items) else [rids] * len(items)
-        return_logprob = _bool(body.get("return_logprob", False), "return_logprob")
-        with_text = _bool(body.get("return_text_in_logprobs", False), "return_text_in_logprobs")
+        return_logprob = _bool(body.get("return_logprob") or False, "return_logprob")
+        with_text = _bool(body.get("return_text_in_logprobs") or False, "return_text_in_logprobs")
         results = await engine.generate(requests)
         token_text = (lambda tid: tokenizer.decode([tid])) if with_text else None
         out = [generate_response(r, str(rid or uuid.uuid4().hex), return_logprob, token_text)
@@ -318,9 +316,7 @@ class ServerThread:
 
     def __init__(self, engine: ReferenceEngine, host: str = "127.0.0.1", port: int = 0, *,
                  log_level: str = "warning", startup_timeout: float = 60.0, stop_timeout: float = 30.0):
-        self.engine = engine
-        self.host, self.port = host, port
-        self.log_level = log_level
+        self.engine, self.host, self.port, self.log_level = engine, host, port, log_level
         self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -338,8 +334,7 @@ class ServerThread:
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind((self.host, self.port))
         self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(create_app(self.engine), log_level=self.log_level)
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(uvicorn.Config(create_app(self.engine), log_level=self.log_level))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name=f"engine-server:{self.port}", daemon=True)
         self._thread.start()

@@ -25,7 +25,7 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[int], normalise_
 def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(π ‖ π_ref) per token, r = logp_ref − logp: exp(r) − r − 1 (≥ 0, unbiased)."""
     r = logp_ref - logp
-    return torch.exp(r) - r - 1
+    return torch.expm1(r) - r
 
 
 def ppo_clip_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,

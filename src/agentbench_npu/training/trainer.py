@@ -144,7 +144,7 @@ class Trainer:
         old_logp = self.recompute_logprobs(batch)
         mask = batch.loss_mask
         diff = (old_logp - batch.rollout_logprobs).abs()[mask > 0]
-        mismatch_kl = k3(old_logp, batch.rollout_logprobs)[mask > 0]
+        mismatch_kl = k3(old_logp.double(), batch.rollout_logprobs.double())[mask > 0]
         ref_logp = self.recompute_logprobs(batch, self.ref_model) if self.ref_model is not None else None
 
         self.model.train()
