@@ -1,0 +1,49 @@
+"""Cold and warm wall time of `agentbench-npu run base` (the README's main job), in fresh processes.
+
+cold: an empty model cache, so the tiny model is built and warm-started first.
+warm: the same cache again, as a user's second run.
+Prints both, their ratio, and each against its target (cold <= 60 s, warm <= 20 s on 2 cores).
+
+    python benchmarks/run_wall_time.py [--scenario base] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+TARGETS = {"cold": 60.0, "warm": 20.0}
+
+
+def timed_run(scenario: str, steps: int, cache: str, out: str) -> float:
+    env = {**os.environ, "AGENTBENCH_NPU_CACHE": cache}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "agentbench_npu", "run", scenario, "--steps", str(steps),
+                           "--out", out, "-q"], env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"run failed ({proc.returncode}): {proc.stderr.strip()}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="base")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = os.path.join(tmp, "cache")
+        cold = timed_run(args.scenario, args.steps, cache, os.path.join(tmp, "cold"))
+        warm = timed_run(args.scenario, args.steps, cache, os.path.join(tmp, "warm"))
+    print(f"run {args.scenario}, {args.steps} steps, {os.cpu_count()} cores")
+    for name, seconds in (("cold", cold), ("warm", warm)):
+        print(f"{name}: {seconds:6.1f} s   {seconds / TARGETS[name]:.2f} of the {TARGETS[name]:.0f} s target")
+    print(f"cold / warm: {cold / warm:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
