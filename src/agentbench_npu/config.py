@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -222,7 +223,10 @@ def _coerce(value: Any, default: Any, path: str, where: str) -> Any:
             if target is int:
                 return int(text)
             if target is float:
-                return float(text)
+                number = float(text)
+                if math.isnan(number):
+                    raise ValueError
+                return number
             if target is list:
                 return json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",") if s.strip()]
             return text
@@ -232,6 +236,8 @@ def _coerce(value: Any, default: Any, path: str, where: str) -> Any:
             ) from None
     if target is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if target is float and isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{where}: {path} must be a number, got nan")
     if not isinstance(value, target) or (target is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: {path} must be {_type_word(target)}, got {value!r}")
     return value

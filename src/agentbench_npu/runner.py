@@ -26,7 +26,7 @@ from .plugins import Plugins
 from .report.schema import SCHEMA_VERSION, environment, summarise
 from .rollout import collect
 from .sync import ColocateSync
-from .training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, step_of
 from .training.trainer import Trainer
 from .training.warm_start import ensure_warm_start
 from .types import SamplingParams, StepMetrics, Task
@@ -261,10 +261,10 @@ class Runner:
         )
         self.run.checkpoints.append(str(path))
         keep = self.config.checkpoint.keep
-        existing = sorted(root.glob("step-*"))
+        existing = sorted(root.glob("step-*"), key=step_of)
         for old in existing[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-        self.run.checkpoints = [str(p) for p in sorted(root.glob("step-*"))]
+        self.run.checkpoints = [str(p) for p in sorted(root.glob("step-*"), key=step_of)]
 
     def _write_report(self, status: str, error: str | None = None) -> dict[str, Any]:
         steps = [s.to_dict() for s in self.run.steps]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
-from pathlib import Path
 
 SCENARIO_MODULE = '''
 from agentbench_npu.config import Layer
@@ -45,21 +43,9 @@ def register_scenarios(register):
 '''
 
 
-def install_fake_distribution(site: Path, dist: str, version: str, module: str, source: str,
-                              entry_name: str) -> Path:
-    """What `pip install` leaves behind that matters here: a module and a dist-info with entry points."""
-    site.mkdir(parents=True, exist_ok=True)
-    (site / f"{module}.py").write_text(textwrap.dedent(source))
-    info = site / f"{dist}-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[agentbench_npu]\n{entry_name} = {module}\n")
-    return site
-
-
-def test_a_third_party_scenario_is_listed_and_runs(cli, tmp_path):
-    site = install_fake_distribution(tmp_path / "site", "count_up", "0.2.0", "count_up_plugin",
-                                     SCENARIO_MODULE, "count-up")
+def test_a_third_party_scenario_is_listed_and_runs(cli, tmp_path, fake_distribution):
+    site = tmp_path / "site"
+    fake_distribution(site, "count_up", "0.2.0", "count_up_plugin", SCENARIO_MODULE, "count-up")
     env = {"PYTHONPATH": str(site)}
     listing = cli("list", "--json", env=env)
     assert listing.returncode == 0, listing.stderr
@@ -74,9 +60,9 @@ def test_a_third_party_scenario_is_listed_and_runs(cli, tmp_path):
     assert all(s["weights_checksum_match"] for s in report["steps"])
 
 
-def test_a_broken_plugin_is_named_in_a_one_line_error_and_can_be_disabled(cli, tmp_path):
-    site = install_fake_distribution(tmp_path / "site", "broken_dist", "1.0", "broken_plugin",
-                                     "import no_such_module_anywhere\n", "broken")
+def test_a_broken_plugin_is_named_in_a_one_line_error_and_can_be_disabled(cli, tmp_path, fake_distribution):
+    site = tmp_path / "site"
+    fake_distribution(site, "broken_dist", "1.0", "broken_plugin", "import no_such_module_anywhere\n", "broken")
     proc = cli("list", env={"PYTHONPATH": str(site)})
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -16,7 +16,7 @@ import torch
 from ..paths import atomic_directory, cache_root
 from .tokenizer import build_tokenizer
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 # Sizes measured to learn a toy task in seconds on 2 CPU cores (see MACHINE-NOTES: ~361k params).
 TINY_MODELS: dict[str, dict[str, Any]] = {

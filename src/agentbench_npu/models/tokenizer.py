@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
     "<|im_start|>assistant\n{{ m.content or '' }}"
     "{% for call in (m.tool_calls or []) %}"
     "{% set fn = call.function if call.function is defined else call %}"
-    "{% if m.content or not loop.first %}\n{% endif %}"
+    "{% if m.content or not loop.first %}{{ '\\n' }}{% endif %}"
     "<tool_call>\n{\"name\": \"{{ fn.name }}\", \"arguments\": "
     "{{ fn.arguments if fn.arguments is string else (fn.arguments | tojson) }}}\n</tool_call>"
     "{% endfor %}"

@@ -18,8 +18,10 @@ _CHUNK = 1 << 22
 
 def tensor_digest(tensor: torch.Tensor) -> int:
     flat = tensor.detach().contiguous().reshape(-1)
-    if flat.is_complex() or flat.dtype == torch.bool:
-        flat = flat.to(torch.float32)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    elif flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
     bits = flat.view(_INT_VIEW[flat.element_size()])
     total = torch.zeros((), dtype=torch.int64, device=flat.device)
     for start in range(0, bits.numel(), _CHUNK):

@@ -62,6 +62,12 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, train
     return path
 
 
+def step_of(path: Path) -> int:
+    """The step number in a `step-NNNNNN` dir name (-1 when it has none), for numeric ordering."""
+    suffix = path.name.split("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
 def find_checkpoint(path: Path) -> Path:
     """A checkpoint dir, or a run dir / checkpoints dir → its newest complete checkpoint."""
     path = Path(path)
@@ -69,7 +75,7 @@ def find_checkpoint(path: Path) -> Path:
         return path
     for candidates in (path / "checkpoints", path):
         if candidates.is_dir():
-            found = sorted(p for p in candidates.glob("step-*") if (p / MANIFEST).is_file())
+            found = sorted((p for p in candidates.glob("step-*") if (p / MANIFEST).is_file()), key=step_of)
             if found:
                 return found[-1]
     raise UserError(f"no checkpoint in '{path}': expected a checkpoint dir (with {MANIFEST}) or a run dir")
