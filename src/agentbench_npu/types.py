@@ -93,7 +93,6 @@ class Trajectory:
     response_text: str = ""
     group: int = 0
     weight_version: int = 0
-    prefix_mismatches: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def append_model_tokens(self, ids: list[int] | tuple[int, ...], logprobs: list[float] | tuple[float, ...]) -> None:

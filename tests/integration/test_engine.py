@@ -19,7 +19,6 @@ from agentbench_npu.engines.model_runner import HFRunner, Qwen3Runner
 from agentbench_npu.engines.reference import ReferenceEngine
 from agentbench_npu.engines.sampling import sampling_logprobs
 from agentbench_npu.models import load_model
-from agentbench_npu.paths import CACHE_ENV
 from agentbench_npu.sync import ColocateSync
 from agentbench_npu.sync.checksum import weights_checksum
 from agentbench_npu.types import GenerateRequest, GenerateResult, SamplingParams
@@ -30,21 +29,13 @@ TEXTS = [
     "Compute 12 * 7 and put the final answer in boxed please, then print it",
     "<|im_start|>user\nprint the sum of 5 and 9<|im_end|>\n<|im_start|>assistant\n",
 ]
-FULL = dict(temperature=1.0, top_p=1.0, top_k=-1)
-TRUNCATED = dict(temperature=0.7, top_p=0.9, top_k=20)
+FULL = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+TRUNCATED = {"temperature": 0.7, "top_p": 0.9, "top_k": 20}
 
 
 # -- fixtures and helpers ------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def model_cache(tmp_path_factory):
-    """Tiny models are built into a cache private to this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("agentbench-cache")))
-        yield
-
-
 @pytest.fixture(scope="module")
-def lm(model_cache):
+def lm():
     return load_model("tiny")
 
 
@@ -205,8 +196,8 @@ def _one_token_samples(engine, prompt, n: int, **sampling) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sampling", [
-    dict(temperature=0.06),            # peaked: low temperature on this untrained model
-    dict(temperature=0.7, top_k=8),    # eight tokens, none dominant
+    {"temperature": 0.06},            # peaked: low temperature on this untrained model
+    {"temperature": 0.7, "top_k": 8},    # eight tokens, none dominant
 ], ids=["t0.06", "t0.7-topk8"])
 def test_sampling_frequencies_match_the_sampled_distribution(engine, model, prompts, sampling):
     n = 2000
@@ -222,6 +213,15 @@ def test_sampling_frequencies_match_the_sampled_distribution(engine, model, prom
     assert float(freq[p == 0].sum()) == 0.0
     tv = 0.5 * float((freq - p).abs().sum())
     assert tv < 0.1, f"total variation {tv:.3f} (expected about {expected_tv_bound:.3f})"
+    # a sharper check on the same draws: the mean log-prob of what was sampled estimates Σ p·log p
+    # (minus the entropy) with standard error sd(log p)/sqrt(n); 5 standard errors (two-sided ≈ 6e-7
+    # in the normal approximation) still catch a sampler whose temperature is off by 15% at t0.06
+    logp = torch.log(p.clamp(min=1e-300))
+    support = p > 0
+    neg_entropy = float((p[support] * logp[support]).sum())
+    stderr = float(((p[support] * (logp[support] - neg_entropy) ** 2).sum() / n).sqrt())
+    mean = float(logp[tokens].mean())
+    assert abs(mean - neg_entropy) < 5 * stderr, f"mean log p {mean:.4f}, expected {neg_entropy:.4f} ± {stderr:.4f}"
 
 
 def test_full_vocabulary_sampling_passes_a_binned_chi_square_test(engine, model, prompts):

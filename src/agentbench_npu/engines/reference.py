@@ -109,15 +109,18 @@ class ReferenceEngine(EngineClient):
     def update_weights_from_tensors(self, named: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         params = dict(self.model.named_parameters())
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        updates = []
+        for name, tensor in named:  # check everything first: a refused update changes nothing
+            if name not in params:
+                if name in tied:
+                    continue
+                raise KeyError(f"engine model has no parameter '{name}'")
+            target = params[name]
+            if tuple(target.shape) != tuple(tensor.shape):
+                raise ValueError(f"'{name}': engine shape {tuple(target.shape)} != update {tuple(tensor.shape)}")
+            updates.append((target, tensor))
         with self._lock, torch.no_grad():
-            for name, tensor in named:
-                if name not in params:
-                    if name in tied:
-                        continue
-                    raise KeyError(f"engine model has no parameter '{name}'")
-                target = params[name]
-                if tuple(target.shape) != tuple(tensor.shape):
-                    raise ValueError(f"'{name}': engine shape {tuple(target.shape)} != update {tuple(tensor.shape)}")
+            for target, tensor in updates:
                 target.copy_(tensor)
             self.weight_version = self.weight_version + 1 if version is None else version
         return self.weight_version

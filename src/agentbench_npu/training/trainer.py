@@ -20,6 +20,9 @@ from ..types import Trajectory
 from .losses import group_advantages, k3, ppo_clip_loss
 
 
+LOGP_FLOOR = -1e4  # stands in for -inf where a trainable token fell outside the truncated distribution
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 5e-4
@@ -100,29 +103,42 @@ class Trainer:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
     # -- log-probs ---------------------------------------------------------------------------
-    def _logprobs(self, model: torch.nn.Module, batch: PackedBatch, with_entropy: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _logprobs(self, model: torch.nn.Module, batch: PackedBatch, *, truncate: bool = True,
+                  with_entropy: bool = False, with_full: bool = False) -> dict[str, torch.Tensor]:
+        """Per-position log-probs of the targets: `logp` under the sampling distribution (truncated
+        when `truncate`), `entropy` of that distribution, and `full` under temperature alone."""
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         logits = out.logits[:, :-1]
         c = self.config
-        lp_all = sampling_logprobs(logits, c.temperature, c.top_p, c.top_k)
+        top_p, top_k = (c.top_p, c.top_k) if truncate else (1.0, -1)
+        lp_all = sampling_logprobs(logits, c.temperature, top_p, top_k)
         logp = lp_all.gather(-1, batch.targets[..., None])[..., 0]
-        entropy = None
+        # Positions outside the response (and tokens the truncation cut) have log-prob -inf; they
+        # must not turn the loss or its gradient into NaN, so they read 0 (masked) or a finite floor
+        # (trainable: the log-prob gate then shows the gap instead of the optimizer eating NaN).
+        logp = torch.where(batch.loss_mask > 0, logp.clamp(min=LOGP_FLOOR), torch.zeros_like(logp))
+        result = {"logp": logp}
         if with_entropy:
             finite = lp_all.masked_fill(torch.isinf(lp_all), 0.0)
-            entropy = -(finite.exp() * finite).sum(-1)
-        return logp, entropy
+            result["entropy"] = -(finite.exp() * finite).sum(-1)
+        if with_full:
+            if top_p >= 1.0 and top_k == -1:
+                result["full"] = logp
+            else:
+                full = sampling_logprobs(logits, c.temperature).gather(-1, batch.targets[..., None])[..., 0]
+                result["full"] = torch.where(batch.loss_mask > 0, full, torch.zeros_like(full))
+        return result
 
     @torch.no_grad()
-    def recompute_logprobs(self, batch: PackedBatch, model: torch.nn.Module | None = None) -> torch.Tensor:
+    def recompute_logprobs(self, batch: PackedBatch, model: torch.nn.Module | None = None,
+                           truncate: bool = True) -> torch.Tensor:
         model = model or self.model
         was_training = model.training
         model.eval()
         parts = []
         mbs = self.config.micro_batch_size
         for start in range(0, batch.input_ids.shape[0], mbs):
-            logp, _ = self._logprobs(model, _slice(batch, slice(start, start + mbs)))
-            parts.append(logp)
+            parts.append(self._logprobs(model, _slice(batch, slice(start, start + mbs)), truncate=truncate)["logp"])
         model.train(was_training)
         return torch.cat(parts)
 
@@ -145,7 +161,9 @@ class Trainer:
         mask = batch.loss_mask
         diff = (old_logp - batch.rollout_logprobs).abs()[mask > 0]
         mismatch_kl = k3(old_logp.double(), batch.rollout_logprobs.double())[mask > 0]
-        ref_logp = self.recompute_logprobs(batch, self.ref_model) if self.ref_model is not None else None
+        # the KL to the reference is taken over full (temperature-only) distributions: under top-k/top-p
+        # the policy keeps tokens the frozen reference cuts, which would make a truncated KL infinite
+        ref_logp = self.recompute_logprobs(batch, self.ref_model, truncate=False) if self.ref_model is not None else None
 
         self.model.train()
         n = len(trajs)
@@ -161,13 +179,14 @@ class Trainer:
                 rows = slice(start, min(mb_rows.stop, start + c.micro_batch_size))
                 micro = _slice(batch, rows)
                 m = micro.loss_mask
-                logp, entropy = self._logprobs(self.model, micro, with_entropy=True)
+                out = self._logprobs(self.model, micro, with_entropy=True, with_full=ref_logp is not None)
+                logp, entropy = out["logp"], out["entropy"]
                 old = old_logp[rows]
                 adv_tok = micro.advantages[:, None].expand_as(logp)
                 pg, clipped = ppo_clip_loss(logp, old, adv_tok, c.eps_clip, c.eps_clip_high)
                 total = pg - c.entropy_coef * entropy
                 if ref_logp is not None:
-                    kl = k3(logp, ref_logp[rows])
+                    kl = k3(out["full"], ref_logp[rows])
                     total = total + c.kl_coef * kl
                     stats["ref_kl"] += float((kl.detach() * m).sum()) / mb_tokens
                 loss = (total * m).sum() / mb_tokens
