@@ -19,8 +19,9 @@ from .config import Layer, load_toml, parse_set, profile_layer, resolve
 from .errors import UserError
 from .plugins import KINDS, Plugins, load_plugins
 
-out_console = Console()
-err_console = Console(stderr=True)
+# Not on a terminal (CI logs, pipes) rich would assume 80 columns and cut the step table.
+out_console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_ERROR = 0, 1, 2
 
