@@ -26,6 +26,14 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 EXIT_OK, EXIT_GATE_FAILED, EXIT_ERROR = 0, 1, 2
 
 
+def _kind_fields(kind: str, obj: Any) -> dict[str, Any]:
+    if kind == "scenario":
+        return {"checklist_item": getattr(obj, "checklist_item", "")}
+    if kind == "fault":
+        return {"caught_by": obj.caught_by, "also_affects": list(obj.also_affects)}
+    return {}
+
+
 def _plugins(ctx: click.Context) -> Plugins:
     return ctx.find_root().obj
 
@@ -48,11 +56,14 @@ def cli() -> None:
 @click.option("--profile", help="tiny, or a profile under scenarios/profiles (default: tiny for tiny models)")
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="a TOML recipe over the scenario's own")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="any recipe key, e.g. train.lr=1e-4")
+@click.option("--gates", "gates", metavar="all|none|NAME,...", help="gates to evaluate (default: all that apply)")
+@click.option("--inject-fault", "faults", multiple=True, metavar="NAME",
+              help="break the run on purpose to prove a gate catches it (see `list`)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @click.pass_context
 def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, steps: int | None,
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
-        overrides: tuple[str, ...], quiet: bool) -> None:
+        overrides: tuple[str, ...], gates: str | None, faults: tuple[str, ...], quiet: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
     Exit status: 0 passed, 1 a gate failed, 2 error.
@@ -64,7 +75,8 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     layers: list[Layer] = [entry.obj.recipe()]
     flags: dict[str, dict[str, Any]] = {}
     for section, key, value in (("run", "device", device), ("model", "name", model), ("run", "steps", steps),
-                                ("run", "seed", seed)):
+                                ("run", "seed", seed), ("gates", "enabled", gates),
+                                ("run", "faults", list(faults) or None)):
         if value is not None:
             flags.setdefault(section, {})[key] = value
     user_layers = ([load_toml(recipe)] if recipe else []) + [Layer(flags, "command-line flags"), parse_set(list(overrides))]
@@ -75,7 +87,7 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     config = resolve(entry.name, layers + user_layers, task_defaults)
     config = dataclasses.replace(config, profile=chosen_profile or "")
 
-    out_dir = out or _default_out(entry.name, resume)
+    out_dir = out or (Path(config.run.out) if config.run.out else _default_out(entry.name, resume))
     if out_dir.exists() and not resume and any(out_dir.iterdir()):
         raise UserError(f"run dir '{out_dir}' exists and is not empty; pass another --out or --resume it")
     runner = Runner(config, plugins, out_dir, resume=resume, progress=None if quiet else _RichProgress())
@@ -158,8 +170,16 @@ def _print_summary(report: dict[str, Any]) -> None:
     out_console.print(table)
     for gate in report["gates"]:
         mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        out_console.print(f"gate {gate['name']}: {mark} value={gate['value']} threshold={gate['threshold']} {escape(str(gate['detail']))}")
+        out_console.print(f"gate {gate['name']}: {mark}  {escape(str(gate['detail']))}", soft_wrap=True)
+        out_console.print(f"    measured {_compact(gate['value'])}  threshold {_compact(gate['threshold'])}",
+                          highlight=False, soft_wrap=True)
     out_console.print(f"report: {Path(report['run_dir']) / 'report.json'}")
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 # -- list ----------------------------------------------------------------------------------------
@@ -171,7 +191,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     plugins = _plugins(ctx)
     rows = {kind: [
         {"name": r.name, "plugin": r.plugin, "distribution": r.distribution, "version": r.version,
-         "description": r.description, **({"checklist_item": getattr(r.obj, "checklist_item", "")} if kind == "scenario" else {})}
+         "description": r.description, **_kind_fields(kind, r.obj)}
         for r in sorted(plugins.items(kind).values(), key=lambda r: r.name)
     ] for kind in KINDS}
     plugin_rows = [{"plugin": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)}
@@ -181,10 +201,12 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         return
     for kind, items in rows.items():
         table = Table(title=f"{kind}s", title_justify="left")
-        for col in ("name", "plugin", "distribution", "description"):
-            table.add_column(col)
+        extra = {"scenario": "checklist_item", "fault": "caught_by"}.get(kind)
+        for col in ("name", "plugin", "distribution", "description") + ((extra,) if extra else ()):
+            table.add_column(col.replace("_", " "))
         for item in items:
-            table.add_row(item["name"], item["plugin"], f"{item['distribution']} {item['version']}", item["description"])
+            table.add_row(item["name"], item["plugin"], f"{item['distribution']} {item['version']}", item["description"],
+                          *([item[extra]] if extra else []))
         if not items:
             table.add_row("(none yet)", "", "", "")
         out_console.print(table)
@@ -227,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         plugins = load_plugins()
         cli.obj = plugins
         plugins.add_commands(cli)
-        cli.main(args=argv, prog_name="agentbench-npu", obj=plugins, standalone_mode=False)
+        code = cli.main(args=argv, prog_name="agentbench-npu", obj=plugins, standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
     except UserError as exc:
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)

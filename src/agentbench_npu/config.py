@@ -12,6 +12,7 @@ import json
 import math
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,6 +36,7 @@ class RunSection:
     deterministic: bool = True
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     out: str = ""
+    faults: list = field(default_factory=list)  # injected faults (gates/faults.py), for proving gates
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,24 @@ class CheckpointSection:
     save: bool = True
 
 
+@dataclass(frozen=True)
+class GatesSection:
+    """Which gates run, and their thresholds. A threshold left unset comes from scenarios/gates.toml
+    for the run's device and dtype (docs/gates.md lists the defaults and their sources)."""
+
+    enabled: str = "all"  # all | none | comma-separated gate names
+    logprob_mean: float | None = None  # per step: mean |train - rollout| log-prob over trainable tokens
+    logprob_max: float | None = None  # any single token
+    logprob_kl: float | None = None  # per step: mean k3 KL(rollout || train)
+    spike_factor: float | None = None  # a step mean above factor x the running median is a spike ...
+    spike_floor: float | None = None  # ... when it is also above this floor
+    sync_probe_max: float | None = None  # after a sync: max |engine - trainer| log-prob on the probe batch
+    repro_tolerance: float | None = None  # relative; 0 = bitwise
+    repro_steps: int = 2  # steps the second process runs and compares
+    continuity_tolerance: float | None = None  # relative; 0 = identical
+    continuity_split: int = 0  # the step N to save at and resume from; 0 = half the steps
+
+
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("temperature", "top_p", "top_k"))
 
 
@@ -92,6 +112,7 @@ class RunConfig:
     warm_start: WarmStartSection = WarmStartSection()
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    gates: GatesSection = GatesSection()
     task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
 
     def train_config(self) -> TrainConfig:
@@ -100,6 +121,16 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The fully resolved config as a recipe: `run --recipe` with it reproduces this run."""
+        lines = [f"scenario = {json.dumps(self.scenario)}"]
+        for section, body in self.to_dict().items():
+            if not isinstance(body, dict):
+                continue
+            lines.append(f"\n[{section}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in body.items() if value is not None]
+        return "\n".join(lines) + "\n"
 
     def digest(self) -> str:
         """A hash of everything that changes results (not where output goes)."""
@@ -110,9 +141,19 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "run": RunSection, "model": ModelSection, "rollout": RolloutSection, "warm_start": WarmStartSection,
-    "data": DataSection, "checkpoint": CheckpointSection,
+    "data": DataSection, "checkpoint": CheckpointSection, "gates": GatesSection,
 }
 TOP_LEVEL = ("scenario", "profile", "checklist_item", "description")
+
+
+def _field_types() -> dict[str, dict[str, type]]:
+    """section -> key -> the Python type its values take (Optional[X] -> X)."""
+    types: dict[str, dict[str, type]] = {}
+    for name, cls in {**SECTIONS, "train": TrainConfig}.items():
+        hints = typing.get_type_hints(cls)
+        types[name] = {k: next(a for a in typing.get_args(t) if a is not type(None)) if typing.get_args(t) and
+                       type(None) in typing.get_args(t) else typing.get_origin(t) or t for k, t in hints.items()}
+    return types
 
 
 def _train_defaults() -> dict[str, Any]:
@@ -210,8 +251,7 @@ class _Raw(str):
     """A string from the command line, to be converted to the field's type."""
 
 
-def _coerce(value: Any, default: Any, path: str, where: str) -> Any:
-    target = type(default)
+def _coerce(value: Any, target: type, path: str, where: str) -> Any:
     if isinstance(value, _Raw):
         text = str(value)
         try:
@@ -250,6 +290,7 @@ def _type_word(t: type) -> str:
 def resolve(scenario: str, layers: list[Layer], task_defaults: Mapping[str, Any]) -> RunConfig:
     """Merge layers (later wins) over the defaults, checking every key and type."""
     merged = section_defaults(task_defaults)
+    types = _field_types()
     top: dict[str, Any] = {"scenario": scenario, "profile": ""}
     for layer in layers:
         for section, body in layer.values.items():
@@ -273,14 +314,16 @@ def resolve(scenario: str, layers: list[Layer], task_defaults: Mapping[str, Any]
                         f"{layer.where(section, key)}: unknown key '{path}'{close_names(path, keys)}; "
                         f"valid keys: {', '.join(keys)}"
                     )
-                merged[section][key] = _coerce(value, merged[section][key], path, layer.where(section, key))
+                target = types.get(section, {}).get(key) or type(merged[section][key])
+                merged[section][key] = _coerce(value, target, path, layer.where(section, key))
     _check_values(merged)
     return RunConfig(
         scenario=top["scenario"], profile=top["profile"],
         run=RunSection(**merged["run"]), model=ModelSection(**merged["model"]),
         rollout=RolloutSection(**merged["rollout"]), train=merged["train"],
         warm_start=WarmStartSection(**merged["warm_start"]), data=DataSection(**merged["data"]),
-        checkpoint=CheckpointSection(**merged["checkpoint"]), task=merged["task"],
+        checkpoint=CheckpointSection(**merged["checkpoint"]), gates=GatesSection(**merged["gates"]),
+        task=merged["task"],
     )
 
 
@@ -301,6 +344,9 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
     for path in _NON_NEGATIVE:
         if get(path) < 0:
             raise ConfigError(f"{path} must be >= 0, got {get(path)}")
+    for key, value in merged["gates"].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"gates.{key} must be >= 0, got {value}")
     if not 0 < get("rollout.top_p") <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {get('rollout.top_p')}")
     if get("rollout.top_k") == 0 or get("rollout.top_k") < -1:

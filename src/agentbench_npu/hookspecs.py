@@ -36,6 +36,11 @@ def register_gates(register):
 
 
 @hookspec
+def register_faults(register):
+    """Add injectable faults (gates/faults.py `Fault`): each names the gate that must catch it."""
+
+
+@hookspec
 def register_commands(cli):
     """Add commands to the `agentbench-npu` click group."""
 

@@ -26,6 +26,7 @@ CORE_DISTRIBUTION = "agentbench-npu"
 BUILTIN_PLUGINS = (
     "agentbench_npu.devices.plugin",
     "agentbench_npu.engines.plugin",
+    "agentbench_npu.gates.plugin",
     "agentbench_npu.builtin.plugin",
 )
 
@@ -36,6 +37,7 @@ KINDS = {
     "engine": "register_engines",
     "sandbox": "register_sandboxes",
     "gate": "register_gates",
+    "fault": "register_faults",
 }
 
 

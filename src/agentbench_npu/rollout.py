@@ -45,6 +45,7 @@ async def collect(scenario: Any, engine: EngineClient, tokenizer: Any, tasks: Se
         for traj in trajs:
             traj.group = step * 100_000 + task_index
             traj.task_id = traj.task_id or task.id
+            traj.metadata.setdefault("sample", sample)
             traj.reward = float(scenario.reward(task, traj))
         return trajs
 

@@ -6,6 +6,7 @@ Nothing here knows a device, an engine or a scenario by name: it talks to their 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import time
@@ -21,15 +22,18 @@ from .datasets import load_jsonl_tasks, take
 from .devices import Device, resolve_device
 from .errors import UserError, one_line
 from .models.loading import load_causal_lm, load_tokenizer, resolve_model_dir, torch_dtype
-from .paths import atomic_write_json
+from .gates.base import GateContext, evaluate_gates, select_gates, subprocess_rerun, thresholds_for
+from .paths import atomic_write_json, atomic_write_text
+from .probe import SyncProbe, tokens_digest
+from .sync.checksum import weights_checksum
 from .plugins import Plugins
 from .report.schema import SCHEMA_VERSION, environment, summarise
 from .rollout import collect
 from .sync import ColocateSync
-from .training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, step_of
+from .training.checkpoint import Checkpoint, load_checkpoint, optimizer_checksum, save_checkpoint, step_of
 from .training.trainer import Trainer
 from .training.warm_start import ensure_warm_start
-from .types import SamplingParams, StepMetrics, Task
+from .types import GateResult, SamplingParams, StepMetrics, Task
 
 
 class Progress:
@@ -57,6 +61,7 @@ class Run:
     started_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     resumed_from: str | None = None
     model_dir: str = ""
+    gates: list[GateResult] = field(default_factory=list)
 
 
 class Runner:
@@ -90,6 +95,16 @@ class Runner:
         self.engine_factory = self.plugins.get("engine", c.run.engine).obj
         torch_dtype(c.model.dtype)
         self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
+        gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
+        self.gates = select_gates(gates, c)
+        self.thresholds = thresholds_for(self.device.name, c)
+        self.faults = []
+        for name in c.run.faults:
+            fault = self.plugins.get("fault", name).obj
+            reason = fault.cannot_bite(c)
+            if reason:
+                raise UserError(f"fault '{name}' would not change this run: {reason}")
+            self.faults.append(fault)
 
     def _setup(self) -> None:
         c = self.config
@@ -128,12 +143,17 @@ class Runner:
         first = self.sync.push(self.model, self.engine)
         if not first.checksums_match:
             raise UserError("the engine does not hold the trainer's initial weights (checksum mismatch)")
+        self.probe = SyncProbe(self.scenario, c, self._dataset, self.tokenizer)
+        for fault in self.faults:  # last: the system is fully built, as the bug would find it
+            fault.inject(self)
 
     # -- the loop ------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         """Run every step; returns the final report. Call prepare() first."""
         out = self.run.out_dir
         out.mkdir(parents=True, exist_ok=True)
+        self.recipe_path = out / "recipe.toml"
+        atomic_write_text(self.recipe_path, self.config.to_toml())
         self.samples_path = out / "samples.jsonl"
         if self.checkpoint is None:
             self.samples_path.write_text("")
@@ -151,8 +171,12 @@ class Runner:
                 self.progress.step(metrics, total)
                 self.plugins.call("step_finished", run=self.run, step=step, metrics=metrics)
                 if self._checkpoint_due(step + 1):
-                    self._save_checkpoint(step + 1)
-            status = "passed"
+                    self._save_checkpoint(self.run.out_dir / "checkpoints" / f"step-{step + 1:06d}", step + 1, retain=True)
+                for gate in self.gates:
+                    if hasattr(gate, "split_step") and gate.split_step(self.config) == step + 1:
+                        self._save_checkpoint(gate.checkpoint_dir(self.run.out_dir, self.config), step + 1)
+            self.run.gates = self._evaluate_gates()
+            status = "passed" if all(g.passed for g in self.run.gates) else "failed"
             report = self._write_report(status)
         except UserError as exc:
             self._write_report("error", error=str(exc))
@@ -192,6 +216,7 @@ class Runner:
         self.device.synchronize()
         train_seconds = time.perf_counter() - t1
         sync = self.sync.push(self.model, self.engine)
+        probe = self.probe.measure(self.engine, self.trainer)
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
         generated = sum(t.num_trainable for t in trajs)
         self._append_samples(step, trajs)
@@ -205,6 +230,11 @@ class Runner:
             "weight_sync_bytes": sync.bytes,
             "weight_sync_tensors": sync.tensors,
             "weights_checksum": sync.engine_checksum,
+            "trainer_weights_checksum": sync.trainer_checksum,
+            "sync_probe_abs_diff_mean": probe["mean"],
+            "sync_probe_abs_diff_max": probe["max"],
+            "tokens_digest": tokens_digest(trajs),
+            "rewards_digest": hashlib.sha256(repr([t.reward for t in trajs]).encode()).hexdigest()[:16],
         })
         return StepMetrics(
             step=step, reward_mean=float(rewards.mean()),
@@ -250,23 +280,39 @@ class Runner:
             return False
         return done == self.config.run.steps or (c.every > 0 and done % c.every == 0)
 
-    def _save_checkpoint(self, done: int) -> None:
-        root = self.run.out_dir / "checkpoints"
-        path = save_checkpoint(
-            root / f"step-{done:06d}", model=self.model, tokenizer=self.tokenizer,
-            trainer_state=self.trainer.state_dict(), rng_state=self.device.rng_state(),
-            state={"step": done, "cursor": self.cursor, "weight_version": self.engine.weight_version,
-                   "scenario": self.config.scenario, "config_digest": self.config.digest(),
-                   "weights_checksum": self.engine.checksum()},
+    def _save_checkpoint(self, path: Path, done: int, retain: bool = False) -> None:
+        """Save model, optimizer, RNG and cursor; `retain` applies checkpoint.keep to checkpoints/."""
+        save_checkpoint(
+            path, model=self.model, tokenizer=self.tokenizer, trainer_state=self.trainer.state_dict(),
+            rng_state=self.device.rng_state(),
+            state={"step": done, "cursor": self.cursor,
+                   "weight_version": self.engine.weight_version, "scenario": self.config.scenario,
+                   "config_digest": self.config.digest(),
+                   "weights_checksum": weights_checksum(self.model.named_parameters()),
+                   "optimizer_checksum": optimizer_checksum(self.trainer.optimizer)},
         )
-        self.run.checkpoints.append(str(path))
+        if not retain:
+            return
+        root = path.parent
         keep = self.config.checkpoint.keep
         existing = sorted(root.glob("step-*"), key=step_of)
         for old in existing[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         self.run.checkpoints = [str(p) for p in sorted(root.glob("step-*"), key=step_of)]
 
+    def _evaluate_gates(self) -> list[GateResult]:
+        def context(gate: Any) -> GateContext:
+            return GateContext(config=self.config, report=self._report_dict("running"), thresholds=self.thresholds,
+                               run_dir=self.run.out_dir, rerun=subprocess_rerun(self.config.scenario, self.recipe_path))
+
+        return evaluate_gates(self.gates, context, on_gate=lambda name: self.progress.phase(f"gate {name}", None))
+
     def _write_report(self, status: str, error: str | None = None) -> dict[str, Any]:
+        report = self._report_dict(status, error)
+        atomic_write_json(self.run.out_dir / "report.json", report)
+        return report
+
+    def _report_dict(self, status: str, error: str | None = None) -> dict[str, Any]:
         steps = [s.to_dict() for s in self.run.steps]
         report = {
             "schema_version": SCHEMA_VERSION,
@@ -283,11 +329,11 @@ class Runner:
             "config": self.config.to_dict(),
             "config_digest": self.config.digest(),
             "steps": steps,
-            "gates": [],
+            "gates": [g.to_dict() for g in self.run.gates],
+            "faults": list(self.config.run.faults),
             "checkpoints": self.run.checkpoints,
             "summary": summarise(steps),
         }
-        atomic_write_json(self.run.out_dir / "report.json", report)
         return report
 
 

@@ -52,11 +52,20 @@ class RolloutContext:
     def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a chat rendered with the model's own chat template."""
-        text = self.tokenizer.apply_chat_template(
-            list(messages), tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return render_chat(self.tokenizer, messages, tools, add_generation_prompt)
 
     def prompt_ids(self, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.render(messages)
+        return prompt_ids(self.tokenizer, prompt)
+
+
+def render_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
+                tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:
+    text = tokenizer.apply_chat_template(list(messages), tools=tools, add_generation_prompt=add_generation_prompt,
+                                         tokenize=False)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def prompt_ids(tokenizer: Any, prompt: str | Sequence[Mapping[str, Any]]) -> list[int]:
+    """A task prompt (a user message, or a list of chat messages) as generation-ready token ids."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return render_chat(tokenizer, messages)

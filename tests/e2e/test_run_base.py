@@ -39,7 +39,10 @@ def test_default_base_run_exits_0_and_writes_report_and_samples(base_run):
     assert report["environment"]["device"] == "cpu"
     assert report["config"]["run"]["steps"] == 10
     assert report["config"]["model"]["name"] == "tiny"
-    assert report["gates"] == []
+    assert [(g["name"], g["passed"]) for g in report["gates"]] == [
+        ("logprob_alignment", True), ("weight_sync", True), ("reproducibility", True), ("checkpoint_continuity", True),
+    ]
+    assert all(line in proc.stdout for line in ("gate logprob_alignment: pass", "gate checkpoint_continuity: pass"))
     assert [s["step"] for s in report["steps"]] == list(range(10))
     for row in report["steps"]:
         assert STEP_FIELDS <= set(row), STEP_FIELDS - set(row)
@@ -75,7 +78,7 @@ def test_final_checkpoint_is_a_loadable_model_dir(base_run):
 
 
 def test_resume_continues_exactly_where_an_uninterrupted_run_would_be(cli, tmp_path):
-    common = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.samples_per_prompt=4", "-q"]
+    common = ["--set", "rollout.prompts_per_step=2", "--set", "rollout.samples_per_prompt=4", "--gates", "none", "-q"]
     whole = cli("run", "base", "--steps", "4", "--out", "whole", *common)
     assert whole.returncode == 0, whole.stderr
     first = cli("run", "base", "--steps", "2", "--out", "split", *common)
@@ -97,7 +100,7 @@ def test_a_jsonl_dataset_replaces_generated_tasks(cli, tmp_path):
     data = tmp_path / "math.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"What is {i} + 1?", "label": i + 1}) for i in range(5)) + "\n")
     proc = cli("run", "base", "--steps", "1", "--out", "ds", "--set", f"data.path={data}",
-               "--set", "rollout.prompts_per_step=5", "--set", "rollout.samples_per_prompt=2", "-q")
+               "--set", "rollout.prompts_per_step=5", "--set", "rollout.samples_per_prompt=2", "--gates", "none", "-q")
     assert proc.returncode == 0, proc.stderr
     prompts = {json.loads(line)["prompt"] for line in (tmp_path / "ds" / "samples.jsonl").read_text().splitlines()}
     assert len(prompts) == 5 and all(any(f"What is {i} + 1?" in p for p in prompts) for i in range(5))

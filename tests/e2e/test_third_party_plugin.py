@@ -58,6 +58,9 @@ def test_a_third_party_scenario_is_listed_and_runs(cli, tmp_path, fake_distribut
     assert report["scenario"] == "count-up" and report["status"] == "passed"
     assert len(report["steps"]) == 2
     assert all(s["weights_checksum_match"] for s in report["steps"])
+    # the gates know nothing about the scenario: the same four judge a third party's run
+    assert {g["name"]: g["passed"] for g in report["gates"]} == {
+        "logprob_alignment": True, "weight_sync": True, "reproducibility": True, "checkpoint_continuity": True}
 
 
 def test_a_broken_plugin_is_named_in_a_one_line_error_and_can_be_disabled(cli, tmp_path, fake_distribution):

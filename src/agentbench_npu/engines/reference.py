@@ -173,7 +173,7 @@ class ReferenceEngine(EngineClient):
                 sel = rows[members]
                 lp = sampling_logprobs(logits[sel], temp, top_p, top_k)
                 chosen = sample_rows(lp, [noises[active[j]] for j in members])
-                chosen_lp = lp.gather(-1, chosen[:, None])[:, 0].tolist()
+                chosen_lp = self._reported_logprobs(logits[sel], lp, chosen).tolist()
                 tokens[sel] = chosen
                 for k, token in enumerate(chosen.tolist()):
                     i = active[members[k]]
@@ -200,6 +200,10 @@ class ReferenceEngine(EngineClient):
                 matched_stop=matched,
             ))
         return results
+
+    def _reported_logprobs(self, logits: torch.Tensor, logprobs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The log-probs reported for the chosen tokens: those of the distribution sampled from."""
+        return logprobs.gather(-1, chosen[:, None])[:, 0]
 
     def _generator(self, params: SamplingParams) -> torch.Generator:
         gen = torch.Generator(device=self.device)

@@ -1,0 +1,1 @@
+"""Acceptance gates (log-prob alignment, weight sync, reproducibility, checkpoint continuity) and faults."""

@@ -24,6 +24,18 @@ from ..paths import atomic_directory
 MANIFEST = "manifest.json"
 
 
+def optimizer_checksum(optimizer: torch.optim.Optimizer) -> str:
+    """A checksum of every tensor in the optimizer's state (moments, step counts)."""
+    from ..sync.checksum import weights_checksum
+
+    named = []
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                named.append((f"{index}.{key}", value))
+    return weights_checksum(named)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

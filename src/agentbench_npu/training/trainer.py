@@ -36,6 +36,7 @@ class TrainConfig:
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
     num_minibatches: int = 1
+    shuffle_minibatches: bool = True  # trajectories are dealt to minibatches by the global torch RNG
     micro_batch_size: int = 16
     advantage_std_norm: bool = True
     # the sampling distribution's definition (engines/sampling.py), so log-probs agree with rollout
@@ -156,10 +157,21 @@ class Trainer:
             raise ValueError("no trajectory has a response to train on")
         adv = group_advantages([float(t.reward or 0.0) for t in trajs], [t.group for t in trajs],
                                normalise_std=c.advantage_std_norm)
+        if c.shuffle_minibatches and c.num_minibatches > 1:
+            order = torch.randperm(len(trajs)).tolist()
+            trajs, adv = [trajs[i] for i in order], [adv[i] for i in order]
         batch = pack(trajs, adv, self.pad_id, self.device)
         old_logp = self.recompute_logprobs(batch)
         mask = batch.loss_mask
-        diff = (old_logp - batch.rollout_logprobs).abs()[mask > 0]
+        gap = (old_logp - batch.rollout_logprobs).abs() * mask
+        diff = gap[mask > 0]
+        worst = None
+        if diff.numel():
+            row, col = divmod(int(torch.argmax(gap)), gap.shape[1])
+            t = trajs[row]
+            worst = {"task_id": t.task_id, "sample": t.metadata.get("sample"),
+                     "response_position": col - (len(t.prompt_ids) - 1), "abs_diff": float(gap[row, col]),
+                     "train_logprob": float(old_logp[row, col]), "rollout_logprob": float(batch.rollout_logprobs[row, col])}
         mismatch_kl = k3(old_logp.double(), batch.rollout_logprobs.double())[mask > 0]
         # the KL to the reference is taken over full (temperature-only) distributions: under top-k/top-p
         # the policy keeps tokens the frozen reference cuts, which would make a truncated KL infinite
@@ -210,6 +222,7 @@ class Trainer:
             "kl": float(mismatch_kl.mean()) if mismatch_kl.numel() else 0.0,
             "logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else 0.0,
             "logprob_abs_diff_max": float(diff.max()) if diff.numel() else 0.0,
+            "logprob_worst_token": worst,
             "trainable_tokens": int(mask.sum()),
             "lr": float(self.scheduler.get_last_lr()[0]),
             "advantage_abs_mean": float(batch.advantages.abs().mean()),

@@ -1,0 +1,62 @@
+"""logprob_alignment: the engine's rollout log-probs against the trainer's recompute, every step."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from ..config import RunConfig
+from ..types import GateResult
+from .base import GateContext
+
+
+def _where(row: dict[str, Any]) -> str:
+    worst = row.get("logprob_worst_token")
+    if not worst:
+        return ""
+    return (f"; worst token: task {worst['task_id']} sample {worst['sample']} response position "
+            f"{worst['response_position']} (train {worst['train_logprob']:.6g}, rollout {worst['rollout_logprob']:.6g})")
+
+
+class LogprobAlignmentGate:
+    name = "logprob_alignment"
+    description = "per step mean/max |train - rollout| log-prob over trainable tokens, k3 KL, spikes"
+    requirement = "at least one step"
+
+    def applies(self, config: RunConfig) -> bool:
+        return config.run.steps >= 1
+
+    def evaluate(self, ctx: GateContext) -> GateResult:
+        t = ctx.thresholds
+        threshold = {"mean": t["logprob_mean"], "max": t["logprob_max"], "kl": t["logprob_kl"],
+                     "spike_factor": t["spike_factor"]}
+        steps = ctx.steps
+        value = {
+            "mean": max(s["logprob_abs_diff_mean"] for s in steps),
+            "max": max(s["logprob_abs_diff_max"] for s in steps),
+            "kl": max(s["kl"] for s in steps),
+        }
+        problems = []
+        history: list[float] = []
+        for s in steps:
+            step, mean = s["step"], s["logprob_abs_diff_mean"]
+            if mean > t["logprob_mean"]:
+                problems.append(f"step {step}: mean |Δlogp| {mean:.3g} > {t['logprob_mean']:g}{_where(s)}")
+            if s["logprob_abs_diff_max"] > t["logprob_max"]:
+                problems.append(f"step {step}: a token's |Δlogp| {s['logprob_abs_diff_max']:.3g} > "
+                                f"{t['logprob_max']:g}{_where(s)}")
+            if s["kl"] > t["logprob_kl"]:
+                problems.append(f"step {step}: k3 KL {s['kl']:.3g} > {t['logprob_kl']:g}")
+            if len(history) >= 3:
+                median = statistics.median(history)
+                if mean > t["spike_factor"] * median and mean > t["spike_floor"]:
+                    problems.append(f"step {step}: spike, mean |Δlogp| {mean:.3g} is "
+                                    f"{mean / max(median, 1e-30):.1f}x the running median {median:.3g}")
+            history.append(mean)
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            return GateResult(self.name, False, value, threshold, problems[0] + more)
+        worst = max(steps, key=lambda s: s["logprob_abs_diff_mean"])
+        return GateResult(self.name, True, value, threshold,
+                          f"{len(steps)} steps within bounds; largest step mean {worst['logprob_abs_diff_mean']:.3g} "
+                          f"at step {worst['step']}")

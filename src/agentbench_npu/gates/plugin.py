@@ -1,0 +1,22 @@
+"""Built-in gates and faults, registered through the same hooks a third party uses."""
+
+from ..hookspecs import hookimpl
+from .continuity import CheckpointContinuityGate
+from .faults import FAULTS
+from .logprob import LogprobAlignmentGate
+from .reproducibility import ReproducibilityGate
+from .weight_sync import WeightSyncGate
+
+
+@hookimpl
+def register_gates(register):
+    register(LogprobAlignmentGate())
+    register(WeightSyncGate())
+    register(ReproducibilityGate())
+    register(CheckpointContinuityGate())
+
+
+@hookimpl
+def register_faults(register):
+    for fault in FAULTS:
+        register(fault)

@@ -1,0 +1,49 @@
+"""reproducibility: the same scenario, seed and data run again in a fresh process gives the same run."""
+
+from __future__ import annotations
+
+from ..config import RunConfig
+from ..types import GateResult
+from .base import GateContext, relative_gap
+
+COMPARED = ("tokens_digest", "reward_mean", "loss", "weights_checksum")
+
+
+class ReproducibilityGate:
+    name = "reproducibility"
+    description = "a second fresh process with the same seed and data: same tokens, rewards and losses"
+    requirement = "at least one step"
+
+    def applies(self, config: RunConfig) -> bool:
+        return config.run.steps >= 1
+
+    def evaluate(self, ctx: GateContext) -> GateResult:
+        tolerance = ctx.thresholds["repro_tolerance"]
+        count = max(1, min(ctx.config.gates.repro_steps, ctx.config.run.steps))
+        second = ctx.rerun(["--steps", str(count), "--set", "checkpoint.save=false"], ctx.run_dir / "gates" / self.name)
+        first_steps = ctx.steps[:count]
+        problems = compare_steps(first_steps, second["steps"], tolerance)
+        threshold = {"relative_tolerance": tolerance, "steps": count}
+        if problems:
+            return GateResult(self.name, False, {"mismatches": len(problems)}, threshold,
+                              problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+        how = "bitwise" if tolerance == 0 else f"within {tolerance:g}"
+        return GateResult(self.name, True, {"mismatches": 0}, threshold,
+                          f"{count} steps identical ({how}) in a second process")
+
+
+def compare_steps(a: list[dict], b: list[dict], tolerance: float, keys: tuple[str, ...] = COMPARED) -> list[str]:
+    """Differences between two runs' step rows; with tolerance > 0, token digests may differ."""
+    problems = []
+    if len(a) != len(b):
+        problems.append(f"{len(a)} steps vs {len(b)} in the second run")
+    for x, y in zip(a, b):
+        for key in keys:
+            u, v = x.get(key), y.get(key)
+            if isinstance(u, float) and isinstance(v, float):
+                gap = relative_gap(u, v)
+                if gap > tolerance:
+                    problems.append(f"step {x['step']}: {key} {u!r} vs {v!r} (relative gap {gap:.3g})")
+            elif u != v and not (tolerance > 0 and key == "tokens_digest"):
+                problems.append(f"step {x['step']}: {key} {u!r} vs {v!r}")
+    return problems
