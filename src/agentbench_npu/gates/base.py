@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def select_gates(available: Mapping[str, Any], config: RunConfig) -> list[Any]:
     if spec == "all":
         return [gate for gate in available.values() if gate.applies(config)]
     chosen = []
-    for name in (part.strip() for part in spec.split(",") if part.strip()):
+    for name in dict.fromkeys(part.strip() for part in spec.split(",") if part.strip()):
         if name not in available:
             raise UserError(f"unknown gate '{name}'{close_names(name, sorted(available))}; "
                             f"available: {', '.join(sorted(available))}, or all / none")
@@ -127,7 +128,14 @@ def evaluate_gates(gates: Sequence[Any], ctx_for: Callable[[Any], GateContext],
     return results
 
 
+def exceeds(value: float, limit: float) -> bool:
+    """True when `value` is above `limit` or is NaN (NaN compares false with everything)."""
+    return not value <= limit
+
+
 def relative_gap(a: float, b: float) -> float:
     if a == b:
         return 0.0
+    if math.isnan(a) or math.isnan(b):
+        return 0.0 if math.isnan(a) and math.isnan(b) else math.inf
     return abs(a - b) / max(abs(a), abs(b), 1e-12)

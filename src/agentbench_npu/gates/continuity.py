@@ -36,6 +36,9 @@ class CheckpointContinuityGate:
         final = f"step-{total:06d}"
         mine = _state(ctx.run_dir / "checkpoints" / final)
         theirs = _state(Path(resumed["run_dir"]) / "checkpoints" / final)
+        for side, state in (("uninterrupted", mine), ("resumed", theirs)):
+            if not state:
+                problems.append(f"final checkpoint: no {final}/state.json from the {side} run")
         for key in ("weights_checksum", "optimizer_checksum"):
             if mine.get(key) != theirs.get(key):
                 problems.append(f"final checkpoint: {key} {mine.get(key)} (uninterrupted) vs {theirs.get(key)} (resumed)")

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..types import GateResult
-from .base import GateContext
+from .base import GateContext, exceeds
 
 
 def _where(row: dict[str, Any]) -> str:
@@ -40,12 +40,12 @@ class LogprobAlignmentGate:
         history: list[float] = []
         for s in steps:
             step, mean = s["step"], s["logprob_abs_diff_mean"]
-            if mean > t["logprob_mean"]:
+            if exceeds(mean, t["logprob_mean"]):
                 problems.append(f"step {step}: mean |Δlogp| {mean:.3g} > {t['logprob_mean']:g}{_where(s)}")
-            if s["logprob_abs_diff_max"] > t["logprob_max"]:
+            if exceeds(s["logprob_abs_diff_max"], t["logprob_max"]):
                 problems.append(f"step {step}: a token's |Δlogp| {s['logprob_abs_diff_max']:.3g} > "
                                 f"{t['logprob_max']:g}{_where(s)}")
-            if s["kl"] > t["logprob_kl"]:
+            if exceeds(s["kl"], t["logprob_kl"]):
                 problems.append(f"step {step}: k3 KL {s['kl']:.3g} > {t['logprob_kl']:g}")
             if len(history) >= 3:
                 median = statistics.median(history)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..types import GateResult
-from .base import GateContext
+from .base import GateContext, exceeds
 
 
 class WeightSyncGate:
@@ -29,7 +29,7 @@ class WeightSyncGate:
             if not s["weights_checksum_match"]:
                 problems.append(f"step {s['step']}: engine checksum {s.get('weights_checksum')} != trainer "
                                 f"{s.get('trainer_weights_checksum')} after sync (version {s.get('weight_version')})")
-            if s.get("sync_probe_abs_diff_max", 0.0) > limit:
+            if exceeds(s.get("sync_probe_abs_diff_max", 0.0), limit):
                 problems.append(f"step {s['step']}: probe |engine - trainer| log-prob max "
                                 f"{s['sync_probe_abs_diff_max']:.3g} > {limit:g}")
         if problems:
