@@ -56,6 +56,11 @@ def cli() -> None:
 @click.option("--profile", help="tiny, or a profile under scenarios/profiles (default: tiny for tiny models)")
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="a TOML recipe over the scenario's own")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="any recipe key, e.g. train.lr=1e-4")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="where trainer and engine run (default local)")
+@click.option("--ray-address", help="a running Ray cluster: auto or HOST:PORT (default: start a local one)")
+@click.option("--mode", type=click.Choice(["colocate", "disaggregated"]), help="share devices or split them")
+@click.option("--train-devices", type=int, help="data-parallel trainer ranks (ray)")
+@click.option("--rollout-devices", type=int, help="engine workers (ray)")
 @click.option("--gates", "gates", metavar="all|none|NAME,...", help="gates to evaluate (default: all that apply)")
 @click.option("--inject-fault", "faults", multiple=True, metavar="NAME",
               help="break the run on purpose to prove a gate catches it (see `list`)")
@@ -63,7 +68,9 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, steps: int | None,
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
-        overrides: tuple[str, ...], gates: str | None, faults: tuple[str, ...], quiet: bool) -> None:
+        overrides: tuple[str, ...], executor: str | None, ray_address: str | None, mode: str | None,
+        train_devices: int | None, rollout_devices: int | None, gates: str | None, faults: tuple[str, ...],
+        quiet: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
     Exit status: 0 passed, 1 a gate failed, 2 error.
@@ -76,7 +83,10 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     flags: dict[str, dict[str, Any]] = {}
     for section, key, value in (("run", "device", device), ("model", "name", model), ("run", "steps", steps),
                                 ("run", "seed", seed), ("gates", "enabled", gates),
-                                ("run", "faults", list(faults) or None)):
+                                ("run", "faults", list(faults) or None), ("cluster", "executor", executor),
+                                ("cluster", "ray_address", ray_address), ("cluster", "mode", mode),
+                                ("cluster", "train_devices", train_devices),
+                                ("cluster", "rollout_devices", rollout_devices)):
         if value is not None:
             flags.setdefault(section, {})[key] = value
     user_layers = ([load_toml(recipe)] if recipe else []) + [Layer(flags, "command-line flags"), parse_set(list(overrides))]
@@ -176,6 +186,15 @@ def _print_summary(report: dict[str, Any]) -> None:
     out_console.print(f"report: {Path(report['run_dir']) / 'report.json'}")
 
 
+EXECUTORS = {
+    "local": "trainer and engine in this process, weights copied in memory (colocate)",
+    "ray": "trainer ranks and engines as Ray actors (colocate or disaggregated, one node or many), "
+           "weights broadcast over a process group",
+}
+PARALLELISM = ("data parallel over trainer ranks (torch.distributed: gloo / nccl / hccl). Tensor, pipeline and "
+               "expert parallelism (TP / PP / EP) need the Megatron backend, which is not built yet.")
+
+
 def _compact(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
@@ -197,7 +216,8 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     plugin_rows = [{"plugin": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)}
                    for p in plugins.plugins()]
     if as_json:
-        click.echo(json.dumps({"items": rows, "plugins": plugin_rows}, indent=2))
+        click.echo(json.dumps({"items": rows, "plugins": plugin_rows, "executors": EXECUTORS,
+                               "parallelism": PARALLELISM}, indent=2))
         return
     for kind, items in rows.items():
         table = Table(title=f"{kind}s", title_justify="left")
@@ -210,6 +230,13 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         if not items:
             table.add_row("(none yet)", "", "", "")
         out_console.print(table)
+    table = Table(title="executors", title_justify="left")
+    for col in ("name", "description"):
+        table.add_column(col)
+    for name, text in EXECUTORS.items():
+        table.add_row(name, text)
+    out_console.print(table)
+    out_console.print(f"parallelism: {PARALLELISM}")
     table = Table(title="plugins", title_justify="left")
     for col in ("plugin", "distribution", "hooks"):
         table.add_column(col)

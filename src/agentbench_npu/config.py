@@ -81,6 +81,19 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True)
+class ClusterSection:
+    """Where trainer and engine run: in this process (local) or as Ray actors (ray)."""
+
+    executor: str = "local"  # local | ray
+    mode: str = "colocate"  # colocate (trainer and engine share devices) | disaggregated
+    ray_address: str = ""  # "" = start a local Ray; auto | HOST:PORT of a running cluster
+    train_devices: int = 1  # data-parallel trainer ranks
+    rollout_devices: int = 1  # engine workers
+    placement: str = "pack"  # pack | spread (across nodes)
+    sync_bucket_mb: int = 64  # distributed weight sync: bytes per broadcast
+
+
+@dataclass(frozen=True)
 class GatesSection:
     """Which gates run, and their thresholds. A threshold left unset comes from scenarios/gates.toml
     for the run's device and dtype (docs/gates.md lists the defaults and their sources)."""
@@ -112,6 +125,7 @@ class RunConfig:
     warm_start: WarmStartSection = WarmStartSection()
     data: DataSection = DataSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    cluster: ClusterSection = ClusterSection()
     gates: GatesSection = GatesSection()
     task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
 
@@ -141,7 +155,8 @@ class RunConfig:
 
 SECTIONS: dict[str, type] = {
     "run": RunSection, "model": ModelSection, "rollout": RolloutSection, "warm_start": WarmStartSection,
-    "data": DataSection, "checkpoint": CheckpointSection, "gates": GatesSection,
+    "data": DataSection, "checkpoint": CheckpointSection, "cluster": ClusterSection,
+    "gates": GatesSection,
 }
 TOP_LEVEL = ("scenario", "profile", "checklist_item", "description")
 
@@ -216,12 +231,28 @@ def load_toml(path: Path, source: str | None = None) -> Layer:
 
 
 def packaged_recipe(relative: str) -> Layer | None:
-    """A TOML shipped in the package's scenarios/ folder (recipes and profiles)."""
+    """A TOML shipped in the package's scenarios/ folder (recipes and profiles).
+
+    `extends = "other.toml"` at its top merges it over another shipped recipe, table by table.
+    """
     ref = resources.files("agentbench_npu.scenarios").joinpath(relative)
     if not ref.is_file():
         return None
     text = ref.read_text(encoding="utf-8")
-    return Layer(tomllib.loads(text), f"scenarios/{relative}", text)
+    values = tomllib.loads(text)
+    parent_name = values.pop("extends", None)
+    if parent_name:
+        parent = packaged_recipe(parent_name)
+        if parent is None:
+            raise ConfigError(f"scenarios/{relative}: extends '{parent_name}', which is not shipped")
+        merged = {k: dict(v) if isinstance(v, dict) else v for k, v in parent.values.items()}
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key].update(value)
+            else:
+                merged[key] = value
+        values = merged
+    return Layer(values, f"scenarios/{relative}", text)
 
 
 def profile_layer(name: str) -> Layer:
@@ -322,12 +353,13 @@ def resolve(scenario: str, layers: list[Layer], task_defaults: Mapping[str, Any]
         run=RunSection(**merged["run"]), model=ModelSection(**merged["model"]),
         rollout=RolloutSection(**merged["rollout"]), train=merged["train"],
         warm_start=WarmStartSection(**merged["warm_start"]), data=DataSection(**merged["data"]),
-        checkpoint=CheckpointSection(**merged["checkpoint"]), gates=GatesSection(**merged["gates"]),
+        checkpoint=CheckpointSection(**merged["checkpoint"]), cluster=ClusterSection(**merged["cluster"]),
+        gates=GatesSection(**merged["gates"]),
         task=merged["task"],
     )
 
 
-_POSITIVE = ("run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
+_POSITIVE = ("cluster.train_devices", "cluster.rollout_devices", "cluster.sync_bucket_mb", "run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
              "train.micro_batch_size", "train.num_minibatches", "warm_start.batch_size")
 _NON_NEGATIVE = ("run.threads", "warm_start.steps", "checkpoint.every", "checkpoint.keep", "train.warmup_steps",
                  "rollout.temperature", "train.kl_coef", "train.grad_clip")
@@ -344,6 +376,15 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
     for path in _NON_NEGATIVE:
         if get(path) < 0:
             raise ConfigError(f"{path} must be >= 0, got {get(path)}")
+    for path, choices in (("cluster.executor", ("local", "ray")), ("cluster.mode", ("colocate", "disaggregated")),
+                          ("cluster.placement", ("pack", "spread"))):
+        if get(path) not in choices:
+            raise ConfigError(f"{path} must be one of {', '.join(choices)}; got '{get(path)}'")
+    cluster = merged["cluster"]
+    if cluster["executor"] == "local" and (cluster["mode"] != "colocate" or cluster["train_devices"] != 1
+                                           or cluster["rollout_devices"] != 1):
+        raise ConfigError("cluster.executor=local runs one colocated trainer and engine; use --executor ray for "
+                          "disaggregated mode or several devices")
     for key, value in merged["gates"].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
             raise ConfigError(f"gates.{key} must be >= 0, got {value}")

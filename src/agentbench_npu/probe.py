@@ -29,8 +29,8 @@ class SyncProbe:
             for index, t in enumerate(tasks)
         ]
 
-    def measure(self, engine: Any, trainer: Any) -> dict[str, float]:
-        results = asyncio.run(engine.generate(self.requests))
+    def measure(self, cluster: Any) -> dict[str, float]:
+        results = asyncio.run(cluster.engine.generate(self.requests))
         trajs = []
         for request, result in zip(self.requests, results):
             traj = Trajectory(prompt_ids=list(request.input_ids))
@@ -39,7 +39,7 @@ class SyncProbe:
         scored = [t for t in trajs if t.response_length]
         if not scored:
             return {"mean": 0.0, "max": 0.0}
-        train = trainer.logprobs_for(scored)
+        train = cluster.trainer_logprobs(scored)
         gaps = [abs(a - b) for t, lp in zip(scored, train) for a, b in zip(t.rollout_logprobs, lp)]
         return {"mean": sum(gaps) / len(gaps), "max": max(gaps)}
 

@@ -21,17 +21,15 @@ from .config import RunConfig
 from .datasets import load_jsonl_tasks, take
 from .devices import Device, resolve_device
 from .errors import UserError, one_line
-from .models.loading import load_causal_lm, load_tokenizer, resolve_model_dir, torch_dtype
+from .executors import make_cluster, preflight
+from .models.loading import load_tokenizer, resolve_model_dir, torch_dtype
 from .gates.base import GateContext, evaluate_gates, select_gates, subprocess_rerun, thresholds_for
 from .paths import atomic_write_json, atomic_write_text
 from .probe import SyncProbe, tokens_digest
-from .sync.checksum import weights_checksum
 from .plugins import Plugins
 from .report.schema import SCHEMA_VERSION, environment, summarise
 from .rollout import collect
-from .sync import ColocateSync
-from .training.checkpoint import Checkpoint, load_checkpoint, optimizer_checksum, save_checkpoint, step_of
-from .training.trainer import Trainer
+from .training.checkpoint import Checkpoint, load_checkpoint, step_of
 from .training.warm_start import ensure_warm_start
 from .types import GateResult, SamplingParams, StepMetrics, Task
 
@@ -62,6 +60,7 @@ class Run:
     resumed_from: str | None = None
     model_dir: str = ""
     gates: list[GateResult] = field(default_factory=list)
+    cluster: Any = None
 
 
 class Runner:
@@ -72,7 +71,8 @@ class Runner:
         self.scenario = plugins.get("scenario", config.scenario).obj
         self.progress = progress or Progress()
         self.resume_path = resume
-        self.run = Run(config=config, scenario=self.scenario, out_dir=Path(out_dir))
+        # absolute: workers (Ray actors) write checkpoints from working directories of their own
+        self.run = Run(config=config, scenario=self.scenario, out_dir=Path(out_dir).absolute())
         self._dataset: list[Task] | None = None
 
     # -- set-up: everything that can fail on bad input fails here, before the run dir exists --
@@ -98,6 +98,7 @@ class Runner:
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
         self.gates = select_gates(gates, c)
         self.thresholds = thresholds_for(self.device.name, c)
+        preflight(c)
         self.faults = []
         for name in c.run.faults:
             fault = self.plugins.get("fault", name).obj
@@ -110,7 +111,6 @@ class Runner:
         c = self.config
         if c.run.threads:
             torch.set_num_threads(c.run.threads)
-        self.device.set_deterministic(c.run.deterministic)
         self.device.seed(c.run.seed)
         if self.checkpoint is not None:
             model_dir = self.checkpoint.model_dir
@@ -124,28 +124,19 @@ class Runner:
         else:
             model_dir = self.base_model_dir
         self.run.model_dir = str(model_dir)
-        torch_device = self.device.torch_device()
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir, c.model.dtype, torch_device, c.model.attn_implementation)
-        self.engine = self.engine_factory.create(
-            model_dir, tokenizer=self.tokenizer, dtype=c.model.engine_dtype or c.model.dtype,
-            device=torch_device, seed=c.run.seed, attn_implementation=c.model.attn_implementation,
-        )
-        self.trainer = Trainer(self.model, c.train_config(), torch_device, self.tokenizer.pad_token_id)
-        self.sync = ColocateSync()
-        self.start_step, self.cursor = 0, 0
-        if self.checkpoint is not None:
-            self.trainer.load_state_dict(self.checkpoint.trainer)
-            self.device.set_rng_state(self.checkpoint.rng)
-            self.start_step = self.checkpoint.step
-            self.cursor = int(self.checkpoint.state["cursor"])
-            self.engine.weight_version = int(self.checkpoint.state.get("weight_version", 0))
-        first = self.sync.push(self.model, self.engine)
+        self.cluster = make_cluster(c, self.device, self.engine_factory, self.faults)
+        self.run.cluster = self.cluster
+        state = self.cluster.start(str(self.base_model_dir if self.checkpoint else model_dir),
+                                   resume_from=str(self.checkpoint.path.absolute()) if self.checkpoint else "")
+        self.start_step, self.cursor = int(state.get("step", 0)), int(state.get("cursor", 0))
+        first = self.cluster.sync_weights()
         if not first.checksums_match:
             raise UserError("the engine does not hold the trainer's initial weights (checksum mismatch)")
         self.probe = SyncProbe(self.scenario, c, self._dataset, self.tokenizer)
-        for fault in self.faults:  # last: the system is fully built, as the bug would find it
-            fault.inject(self)
+        for fault in self.faults:
+            if fault.role == "driver":
+                fault.inject(self)
 
     # -- the loop ------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
@@ -186,6 +177,8 @@ class Runner:
             raise
         finally:
             self.progress.done()
+            if self.run.cluster is not None:
+                self.run.cluster.shutdown()
         self.plugins.call("run_finished", run=self.run, report=report)
         return report
 
@@ -206,17 +199,16 @@ class Runner:
                                   top_k=r.top_k)
         t0 = time.perf_counter()
         batch = asyncio.run(collect(
-            self.scenario, self.engine, self.tokenizer, tasks, step=step, seed=c.run.seed,
+            self.scenario, self.cluster.engine, self.tokenizer, tasks, step=step, seed=c.run.seed,
             samples_per_prompt=r.samples_per_prompt, sampling=sampling, options=c.task,
         ))
         rollout_seconds = time.perf_counter() - t0
         trajs = batch.trajectories
         t1 = time.perf_counter()
-        train = self.trainer.train_step(trajs)
-        self.device.synchronize()
+        train = self.cluster.train_step(trajs)
         train_seconds = time.perf_counter() - t1
-        sync = self.sync.push(self.model, self.engine)
-        probe = self.probe.measure(self.engine, self.trainer)
+        sync = self.cluster.sync_weights()
+        probe = self.probe.measure(self.cluster)
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
         generated = sum(t.num_trainable for t in trajs)
         self._append_samples(step, trajs)
@@ -229,6 +221,8 @@ class Runner:
             "weight_version": sync.weight_version,
             "weight_sync_bytes": sync.bytes,
             "weight_sync_tensors": sync.tensors,
+            "weight_sync_transport": sync.transport,
+            "weight_sync_gb_per_s": sync.bytes / sync.seconds / 1e9 if sync.seconds > 0 else 0.0,
             "weights_checksum": sync.engine_checksum,
             "trainer_weights_checksum": sync.trainer_checksum,
             "sync_probe_abs_diff_mean": probe["mean"],
@@ -282,15 +276,9 @@ class Runner:
 
     def _save_checkpoint(self, path: Path, done: int, retain: bool = False) -> None:
         """Save model, optimizer, RNG and cursor; `retain` applies checkpoint.keep to checkpoints/."""
-        save_checkpoint(
-            path, model=self.model, tokenizer=self.tokenizer, trainer_state=self.trainer.state_dict(),
-            rng_state=self.device.rng_state(),
-            state={"step": done, "cursor": self.cursor,
-                   "weight_version": self.engine.weight_version, "scenario": self.config.scenario,
-                   "config_digest": self.config.digest(),
-                   "weights_checksum": weights_checksum(self.model.named_parameters()),
-                   "optimizer_checksum": optimizer_checksum(self.trainer.optimizer)},
-        )
+        self.cluster.save_checkpoint(str(path), {
+            "step": done, "cursor": self.cursor, "weight_version": self.cluster.weight_version,
+            "scenario": self.config.scenario, "config_digest": self.config.digest()})
         if not retain:
             return
         root = path.parent
@@ -325,7 +313,8 @@ class Runner:
             "run_dir": str(self.run.out_dir),
             "resumed_from": self.run.resumed_from,
             "model_dir": self.run.model_dir,
-            "environment": environment(getattr(self, "device", None)),
+            "environment": {**environment(getattr(self, "device", None)),
+                            "cluster": self.run.cluster.describe() if self.run.cluster is not None else {}},
             "config": self.config.to_dict(),
             "config_digest": self.config.digest(),
             "steps": steps,

@@ -527,7 +527,14 @@ def test_skip_rng_restore_can_bite_with_two_shuffled_minibatches():
     assert fault("skip-rng-restore").cannot_bite(config(train={"num_minibatches": 2})) is None
 
 
-@pytest.mark.parametrize("fault", [f for f in FAULTS if f.name not in ("logprob-temperature", "skip-rng-restore")],
+def test_rank_divergence_cannot_bite_one_rank_but_can_two():
+    assert "at least 2" in fault("rank-divergence").cannot_bite(config())
+    assert fault("rank-divergence").cannot_bite(
+        config(cluster={"executor": "ray", "train_devices": 2}, rollout={"prompts_per_step": 8})) is None
+
+
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f.name not in
+                                   ("logprob-temperature", "skip-rng-restore", "rank-divergence")],
                          ids=lambda f: f.name)
 def test_other_faults_can_bite_a_default_run(fault):
     assert fault.cannot_bite(config()) is None

@@ -32,13 +32,15 @@ def answers_match(answer: str | None, label: Any) -> bool:
 class BaseScenario:
     """Single-turn arithmetic with a boxed answer: the core loop with nothing else in the way."""
 
-    name = "base"
-    checklist_item = "Qwen3-4B colocate"
-    description = "single-turn arithmetic, boxed-answer reward, GRPO with colocated weight sync"
+    def __init__(self, name: str = "base", checklist_item: str = "Qwen3-4B colocate",
+                 description: str = "single-turn arithmetic, boxed-answer reward, GRPO with colocated weight sync"):
+        self.name = name
+        self.checklist_item = checklist_item
+        self.description = description
 
     def recipe(self) -> Layer:
-        layer = packaged_recipe("base.toml")
-        assert layer is not None, "scenarios/base.toml is missing from the package"
+        layer = packaged_recipe(f"{self.name}.toml")
+        assert layer is not None, f"scenarios/{self.name}.toml is missing from the package"
         return layer
 
     def _problem(self, rng: random.Random, options: Mapping[str, Any]) -> tuple[str, int]:

@@ -1,8 +1,8 @@
 """The embedded reference engine: in-process torch decoding with a KV cache and exact log-probs.
 
 Concurrent `generate` calls from many agent loops are gathered into one batch per decoding pass
-(left-padded prefill, then step-by-step decode); the compute runs in a worker thread so the event
-loop (tools, sandboxes, HTTP) stays responsive.
+(engines/batching.py; left-padded prefill, then step-by-step decode); the compute runs in a worker
+thread so the event loop (tools, sandboxes, HTTP) stays responsive.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from ..sync.checksum import weights_checksum
 from ..types import GenerateRequest, GenerateResult, SamplingParams
 from .base import EngineClient
+from .batching import RequestBatcher
 from .model_runner import runner_for
 from .sampling import RowNoise, sample_rows, sampling_logprobs
 
@@ -34,8 +35,7 @@ class ReferenceEngine(EngineClient):
         self.runner = runner_for(self.model, prefer_lean=lean)
         self._lock = threading.Lock()  # one forward pass or weight update at a time
         self._unseeded = torch.Generator().manual_seed(seed)  # for requests that bring no seed
-        self._pending: list[tuple[GenerateRequest, asyncio.Future]] = []
-        self._worker: asyncio.Task | None = None
+        self._batcher = RequestBatcher(lambda batch: asyncio.to_thread(self.generate_batch, batch), max_batch)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
 
@@ -50,29 +50,7 @@ class ReferenceEngine(EngineClient):
 
     # -- async API ----------------------------------------------------------------------------
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        loop = asyncio.get_running_loop()
-        futures = []
-        for request in requests:
-            future = loop.create_future()
-            self._pending.append((request, future))
-            futures.append(future)
-        if self._worker is None or self._worker.done() or self._worker.get_loop() is not loop:
-            self._worker = loop.create_task(self._drain())
-        return list(await asyncio.gather(*futures))
-
-    async def _drain(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch:]
-            try:
-                results = await asyncio.to_thread(self.generate_batch, [r for r, _ in batch])
-            except BaseException as exc:  # hand the failure to every waiter of this batch
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, future), result in zip(batch, results):
-                if not future.done():
-                    future.set_result(result)
+        return await self._batcher.submit(requests)
 
     async def update_weights_from_disk(self, path: str | Path) -> int:
         from safetensors.torch import load_file

@@ -22,19 +22,20 @@ class Fault:
     name: str
     description: str
     caught_by: str
+    role: str  # what inject() receives: "engine" (EngineWorker), "trainer" (TrainWorker) or "driver" (Runner)
     inject: Callable[[Any], None]
     also_affects: tuple[str, ...] = ()
     # returns why the fault could not change this run (then injecting it is refused), or None
     cannot_bite: Callable[[RunConfig], str | None] = lambda config: None
 
 
-def _logprob_temperature(runner: Any) -> None:
+def _logprob_temperature(worker: Any) -> None:
     """The engine samples at temperature T but reports log-probs of the untempered distribution."""
 
     def reported(logits: torch.Tensor, logprobs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, chosen[:, None])[:, 0]
 
-    runner.engine._reported_logprobs = reported
+    worker.engine._reported_logprobs = reported
 
 
 def _needs_temperature(config: RunConfig) -> str | None:
@@ -42,15 +43,15 @@ def _needs_temperature(config: RunConfig) -> str | None:
     return None if t not in (0.0, 1.0) else f"rollout.temperature is {t}; set it to another value, e.g. 0.8"
 
 
-def _stale_weights(runner: Any) -> None:
-    """The engine acknowledges the first weight update after training started without applying it."""
-    engine = runner.engine
+def _stale_weights(worker: Any) -> None:
+    """The engine acknowledges one weight update (the first after training starts) without applying it."""
+    engine = worker.engine
     original = engine.update_weights_from_tensors
-    skipped = []
+    calls = []
 
     def update(named: Any, version: int | None = None) -> int:
-        if not skipped:
-            skipped.append(True)
+        calls.append(True)
+        if len(calls) == 2:  # call 1 is the initial sync before any training
             engine.weight_version += 1
             return engine.weight_version
         return original(named, version)
@@ -58,9 +59,9 @@ def _stale_weights(runner: Any) -> None:
     engine.update_weights_from_tensors = update
 
 
-def _partial_sync(runner: Any) -> None:
+def _partial_sync(worker: Any) -> None:
     """Every weight update loses its last tensor on the way (a dropped bucket)."""
-    engine = runner.engine
+    engine = worker.engine
     original = engine.update_weights_from_tensors
 
     def update(named: Any, version: int | None = None) -> int:
@@ -69,9 +70,9 @@ def _partial_sync(runner: Any) -> None:
     engine.update_weights_from_tensors = update
 
 
-def _unseeded_sampling(runner: Any) -> None:
+def _unseeded_sampling(worker: Any) -> None:
     """The engine ignores per-request seeds and samples from OS entropy."""
-    engine = runner.engine
+    engine = worker.engine
 
     def generator(params: Any) -> torch.Generator:
         return torch.Generator(device=engine.device).manual_seed(int.from_bytes(os.urandom(7), "big"))
@@ -79,9 +80,9 @@ def _unseeded_sampling(runner: Any) -> None:
     engine._generator = generator
 
 
-def _drop_optimizer_state(runner: Any) -> None:
+def _drop_optimizer_state(worker: Any) -> None:
     """Checkpoints are written without the optimizer's moments (state), only its hyper-parameters."""
-    trainer = runner.trainer
+    trainer = worker.trainer
     original = trainer.state_dict
 
     def state_dict() -> dict[str, Any]:
@@ -93,16 +94,37 @@ def _drop_optimizer_state(runner: Any) -> None:
     trainer.state_dict = state_dict
 
 
-def _skip_rng_restore(runner: Any) -> None:
+def _skip_rng_restore(worker: Any) -> None:
     """A resumed run does not restore the RNG states it saved: its streams restart from the seed."""
-    if runner.checkpoint is not None:
-        runner.device.seed(runner.config.run.seed)
+    if worker.resumed:
+        worker.device.seed(worker.config.run.seed)
 
 
 def _needs_global_rng(config: RunConfig) -> str | None:
     if config.train.get("num_minibatches", 1) > 1 and config.train.get("shuffle_minibatches", True):
         return None
     return "nothing in this run draws from the global RNG after a resume; set train.num_minibatches=2"
+
+
+def _rank_divergence(worker: Any) -> None:
+    """Trainer rank 1 joins the gradient all-reduce but then steps with its own local gradients."""
+    if worker.rank != 1:
+        return
+    trainer = worker.trainer
+    original = trainer._reduce_gradients
+
+    def reduce_but_keep_local() -> None:
+        local = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+        original()
+        for grad, mine in zip((p.grad for p in trainer.model.parameters() if p.grad is not None), local):
+            grad.copy_(mine)
+
+    trainer._reduce_gradients = reduce_but_keep_local
+
+
+def _needs_ranks(config: RunConfig) -> str | None:
+    n = config.cluster.train_devices
+    return None if n >= 2 else f"cluster.train_devices is {n}; it needs at least 2 data-parallel ranks"
 
 
 def _shuffled_data_order(runner: Any) -> None:
@@ -120,19 +142,22 @@ def _shuffled_data_order(runner: Any) -> None:
 
 FAULTS = (
     Fault("logprob-temperature", "engine reports log-probs without the sampling temperature applied",
-          "logprob_alignment", _logprob_temperature, also_affects=("weight_sync",), cannot_bite=_needs_temperature),
+          "logprob_alignment", "engine", _logprob_temperature, also_affects=("weight_sync",), cannot_bite=_needs_temperature),
     # an engine that lost weights cannot be resumed into: the resumed run's engine starts from the
     # checkpoint, so continuity honestly differs too
-    Fault("stale-weights", "one weight sync is acknowledged but not applied", "weight_sync",
+    Fault("stale-weights", "one weight sync is acknowledged but not applied", "weight_sync", "engine",
           _stale_weights, also_affects=("logprob_alignment", "checkpoint_continuity")),
-    Fault("partial-sync", "one tensor is missing from every weight sync", "weight_sync",
+    Fault("partial-sync", "one tensor is missing from every weight sync", "weight_sync", "engine",
           _partial_sync, also_affects=("logprob_alignment", "checkpoint_continuity")),
-    Fault("unseeded-sampling", "the engine ignores per-request sampling seeds", "reproducibility",
+    Fault("unseeded-sampling", "the engine ignores per-request sampling seeds", "reproducibility", "engine",
           _unseeded_sampling, also_affects=("checkpoint_continuity",)),
-    Fault("drop-optimizer-state", "checkpoints are saved without the optimizer moments", "checkpoint_continuity",
+    Fault("drop-optimizer-state", "checkpoints are saved without the optimizer moments", "checkpoint_continuity", "trainer",
           _drop_optimizer_state),
-    Fault("skip-rng-restore", "resume does not restore the saved RNG states", "checkpoint_continuity",
+    Fault("skip-rng-restore", "resume does not restore the saved RNG states", "checkpoint_continuity", "trainer",
           _skip_rng_restore, cannot_bite=_needs_global_rng),
-    Fault("shuffled-data-order", "tasks are shuffled by an unseeded RNG", "reproducibility",
+    Fault("shuffled-data-order", "tasks are shuffled by an unseeded RNG", "reproducibility", "driver",
           _shuffled_data_order, also_affects=("checkpoint_continuity",)),
+    Fault("rank-divergence", "one trainer rank steps with its local gradients instead of the all-reduced ones",
+          "ranks", "trainer", _rank_divergence, also_affects=("logprob_alignment", "weight_sync"),
+          cannot_bite=_needs_ranks),
 )

@@ -4,6 +4,7 @@ from ..hookspecs import hookimpl
 from .continuity import CheckpointContinuityGate
 from .faults import FAULTS
 from .logprob import LogprobAlignmentGate
+from .ranks import RanksGate
 from .reproducibility import ReproducibilityGate
 from .weight_sync import WeightSyncGate
 
@@ -14,6 +15,7 @@ def register_gates(register):
     register(WeightSyncGate())
     register(ReproducibilityGate())
     register(CheckpointContinuityGate())
+    register(RanksGate())
 
 
 @hookimpl

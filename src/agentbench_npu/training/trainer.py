@@ -86,8 +86,11 @@ def _slice(batch: PackedBatch, rows: slice) -> PackedBatch:
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device, pad_id: int):
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device, pad_id: int,
+                 process_group: Any = None):
+        """`process_group`: the data-parallel group when several ranks each train on a shard."""
         self.model = model
+        self.group = process_group
         self.config = config
         self.device = device
         self.pad_id = pad_id
@@ -149,6 +152,30 @@ class Trainer:
         logp = self.recompute_logprobs(batch)
         return [logp[i][batch.response_mask[i] > 0].tolist() for i in range(len(trajs))]
 
+    # -- data parallel ------------------------------------------------------------------------
+    def _all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) scalars over the data-parallel ranks; identity on one rank."""
+        if self.group is None:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        return t.tolist()
+
+    def _reduce_gradients(self) -> None:
+        """Sum gradients over ranks (each rank's loss is already divided by the global token count)."""
+        if self.group is None:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.group)
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
         c = self.config
@@ -184,7 +211,7 @@ class Trainer:
         updates = 0
         for mb_start in range(0, n, per_mb):
             mb_rows = slice(mb_start, min(n, mb_start + per_mb))
-            mb_tokens = float(mask[mb_rows].sum().clamp(min=1.0))
+            mb_tokens = max(1.0, self._all_reduce([float(mask[mb_rows].sum())])[0])
             self.optimizer.zero_grad(set_to_none=True)
             stats = {k: 0.0 for k in sums if k != "grad_norm"}
             for start in range(mb_rows.start, mb_rows.stop, c.micro_batch_size):
@@ -207,21 +234,24 @@ class Trainer:
                 stats["entropy"] += float((entropy.detach() * m).sum()) / mb_tokens
                 stats["ppo_kl"] += float(((old - logp.detach()) * m).sum()) / mb_tokens
                 stats["clip_fraction"] += float((clipped * m).sum()) / mb_tokens
+            self._reduce_gradients()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
             self.optimizer.step()
-            for k, v in stats.items():
+            for k, v in zip(stats, self._all_reduce(list(stats.values()))):
                 sums[k] += v
             sums["grad_norm"] += float(grad_norm)
             updates += 1
         self.scheduler.step()
         self.model.eval()
         means = {k: v / updates for k, v in sums.items()}
+        diff_sum, kl_sum, count = self._all_reduce([float(diff.sum()), float(mismatch_kl.sum()), float(diff.numel())])
+        (diff_max,) = self._all_reduce([float(diff.max()) if diff.numel() else 0.0], op="max")
         return {
             **means,
             "ref_kl": means["ref_kl"] if ref_logp is not None else None,
-            "kl": float(mismatch_kl.mean()) if mismatch_kl.numel() else 0.0,
-            "logprob_abs_diff_mean": float(diff.mean()) if diff.numel() else 0.0,
-            "logprob_abs_diff_max": float(diff.max()) if diff.numel() else 0.0,
+            "kl": kl_sum / count if count else 0.0,
+            "logprob_abs_diff_mean": diff_sum / count if count else 0.0,
+            "logprob_abs_diff_max": diff_max,
             "logprob_worst_token": worst,
             "trainable_tokens": int(mask.sum()),
             "lr": float(self.scheduler.get_last_lr()[0]),

@@ -1,0 +1,263 @@
+"""The Ray executor: trainer ranks and engine workers as Ray actors in a placement group.
+
+`colocate` puts trainer rank i and engine i in the same bundle (they share its devices);
+`disaggregated` gives trainers and engines bundles of their own. Weights travel from trainer rank 0 to
+every engine over a gloo group of their own (sync/distributed.py); data-parallel trainer ranks share a
+torch.distributed group. Devices are Ray resources (CPU, GPU, NPU), so Ray sets each actor's
+visible-device variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any, Sequence
+
+from ..config import RunConfig
+from ..devices import Device
+from ..engines.base import EngineClient
+from ..engines.batching import RequestBatcher
+from ..errors import MissingExtraError, UserError, one_line
+from ..sync import SyncResult
+from ..types import GenerateRequest, GenerateResult, Trajectory
+from .base import Cluster
+from .workers import EngineWorker, TrainWorker, WorkerSpec
+
+CONNECT_TIMEOUT_S = 10.0
+PLACEMENT_TIMEOUT_S = 30.0
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise MissingExtraError("--executor ray", extra="ray", module="ray") from exc
+    return ray
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast (seconds, not minutes) when HOST:PORT has no listener."""
+    if address in ("", "auto") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address '{address}' is not HOST:PORT (or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); start one with "
+                        f"`ray start --head --port {port}` or pass --ray-address auto") from exc
+
+
+class RayEngineClient(EngineClient):
+    """Scenarios' engine client: requests are batched as locally, then split across the engine actors."""
+
+    def __init__(self, engines: list[Any]):
+        self.engines = engines
+        self._batcher = RequestBatcher(self._run_batch)
+
+    async def _run_batch(self, batch: list[GenerateRequest]) -> list[GenerateResult]:
+        n = len(self.engines)
+        size = -(-len(batch) // n)
+        chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
+        parts = await asyncio.gather(*[e.generate_batch.remote(c) for e, c in zip(self.engines, chunks)])
+        return [r for part in parts for r in part]
+
+    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        return await self._batcher.submit(requests)
+
+    async def update_weights_from_disk(self, path: Any) -> int:
+        versions = await asyncio.gather(*[e.update_weights_from_disk.remote(str(path)) for e in self.engines])
+        return int(versions[0])
+
+    async def weights_checksum(self) -> str:
+        sums = await asyncio.gather(*[e.checksum.remote() for e in self.engines])
+        return sums[0] if len(set(sums)) == 1 else "mismatch:" + ",".join(sums)
+
+    async def model_info(self) -> dict[str, Any]:
+        return {"engines": len(self.engines)}
+
+
+class RayCluster(Cluster):
+    def __init__(self, config: RunConfig, device: Device, engine_factory: Any, faults: list):
+        self.config = config
+        self.device = device
+        self.engine_factory = engine_factory
+        self.faults = faults
+        self._version = 0
+        self._started_ray = False
+        self.pg = None
+        self.trainers: list[Any] = []
+        self.engines: list[Any] = []
+
+    # -- start ---------------------------------------------------------------------------------
+    def _init_ray(self) -> Any:
+        ray = _ray()
+        c = self.config.cluster
+        if ray.is_initialized():
+            return ray
+        check_reachable(c.ray_address)
+        try:
+            if c.ray_address:
+                ray.init(address=c.ray_address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+            else:
+                # a local Ray gets this machine's cores; for more CPU workers start Ray yourself
+                # (`ray start --head --num-cpus N`) and pass --ray-address
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.WARNING)
+                self._started_ray = True
+        except (ConnectionError, RuntimeError) as exc:
+            raise UserError(f"cannot connect to Ray at '{c.ray_address or 'a new local instance'}': "
+                            f"{one_line(exc)}") from exc
+        return ray
+
+    def _bundles(self) -> tuple[list[dict[str, float]], list[int], list[int], float]:
+        """Bundles, the bundle of each trainer and engine, and the share of a bundle each actor takes."""
+        c = self.config.cluster
+        resource = self.device.ray_resource or "CPU"
+        if c.mode == "colocate":
+            count = max(c.train_devices, c.rollout_devices)
+            bundles = [{resource: 1.0} for _ in range(count)]
+            return bundles, [i % count for i in range(c.train_devices)], [i % count for i in range(c.rollout_devices)], 0.5
+        bundles = [{resource: 1.0} for _ in range(c.train_devices + c.rollout_devices)]
+        return bundles, list(range(c.train_devices)), list(range(c.train_devices, len(bundles))), 1.0
+
+    def _actor(self, ray: Any, cls: type, bundle: int, share: float, spec: WorkerSpec) -> Any:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        resource = self.device.ray_resource or "CPU"
+        options: dict[str, Any] = {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=self.pg, placement_group_bundle_index=bundle)}
+        if resource == "CPU":
+            options["num_cpus"] = share
+        elif resource == "GPU":
+            options.update(num_cpus=0, num_gpus=share)
+        else:
+            options.update(num_cpus=0, resources={resource: share})
+        return ray.remote(cls).options(**options).remote(spec)
+
+    def start(self, model_dir: str, resume_from: str = "") -> dict[str, Any]:
+        ray = self._init_ray()
+        c = self.config.cluster
+        bundles, train_at, engine_at, share = self._bundles()
+        from ray.util.placement_group import placement_group
+
+        have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "NPU")}
+        need = f"the run needs {len(bundles)} bundles of {bundles[0]} ({c.train_devices} trainer(s), " \
+               f"{c.rollout_devices} engine(s), {c.mode}); the Ray cluster has {have}"
+        resource = next(iter(bundles[0]))
+        if have.get(resource, 0) < len(bundles):
+            self.shutdown()
+            raise UserError(need)
+        self.pg = placement_group(bundles, strategy="SPREAD" if c.placement == "spread" else "PACK")
+        ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            self.shutdown()
+            raise UserError(f"{need}, but not free within {PLACEMENT_TIMEOUT_S:.0f} s")
+        base = dict(config=self.config, model_dir=model_dir, device=self.device, resume_from=resume_from,
+                    faults=self.faults)
+        self.trainers = [self._actor(ray, TrainWorker, b, share,
+                                     WorkerSpec(**base, rank=r, world_size=c.train_devices))
+                         for r, b in enumerate(train_at)]
+        self.engines = [self._actor(ray, EngineWorker, b, share, WorkerSpec(**base)) for b in engine_at]
+        dp_host, dp_port = self._get(self.trainers[0].node_address.remote(), "trainer rank 0")
+        states = self._get([t.setup.remote(f"tcp://{dp_host}:{dp_port}") for t in self.trainers], "trainer setup")
+        self._get([e.setup.remote(self.engine_factory) for e in self.engines], "engine setup")
+        self._version = int(states[0].get("weight_version", 0))
+        self._get([e.set_weight_version.remote(self._version) for e in self.engines], "engine setup")
+        host, port = self._get(self.trainers[0].node_address.remote(), "trainer rank 0")
+        world = 1 + len(self.engines)
+        specs = self._get(self.trainers[0].weight_specs.remote(), "trainer rank 0")
+        self._get([self.trainers[0].join_update_group.remote(host, port, world)] +
+                  [e.join_update_group.remote(host, port, i + 1, world, specs, self.config.cluster.sync_bucket_mb << 20)
+                   for i, e in enumerate(self.engines)],
+                  "weight-update group")
+        self.engine = RayEngineClient(self.engines)
+        return states[0]
+
+    def _get(self, refs: Any, what: str) -> Any:
+        ray = _ray()
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as exc:
+            raise UserError(f"a Ray worker died during {what}: {one_line(exc)[:300]}; the run's last checkpoint "
+                            "can be continued with --resume") from exc
+        except ray.exceptions.RayTaskError as exc:
+            raise UserError(f"{what} failed in a Ray worker: {one_line(exc.cause if exc.cause else exc)[:300]}") from exc
+
+    # -- the step --------------------------------------------------------------------------------
+    def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
+        shards = shard_by_group(trajs, len(self.trainers))
+        results = self._get([t.train_step.remote(s) for t, s in zip(self.trainers, shards)], "the training step")
+        return {**results[0], "rank_losses": [r["loss"] for r in results],
+                "rank_checksums": [r["weights_checksum"] for r in results]}
+
+    def sync_weights(self) -> SyncResult:
+        bucket = self.config.cluster.sync_bucket_mb << 20
+        dtype = self.config.model.engine_dtype or self.config.model.dtype
+        sent, *received = self._get([self.trainers[0].send_weights.remote(bucket, dtype)] +
+                                    [e.receive_weights.remote() for e in self.engines], "the weight sync")
+        sums = {r["checksum"] for r in received}
+        self._version = received[0]["version"]
+        return SyncResult(
+            transport=f"distributed ({self.device.dist_backend if self.device.name != 'cpu' else 'gloo'})",
+            seconds=max([sent["seconds"]] + [r["seconds"] for r in received]), bytes=sent["bytes"],
+            tensors=sent["tensors"], trainer_checksum=sent["checksum"],
+            engine_checksum=received[0]["checksum"] if len(sums) == 1 else "mismatch:" + ",".join(sorted(sums)),
+            weight_version=self._version,
+        )
+
+    def trainer_logprobs(self, trajs: Sequence[Trajectory]) -> list[list[float]]:
+        return self._get(self.trainers[0].logprobs_for.remote(list(trajs)), "a log-prob recompute")
+
+    def save_checkpoint(self, path: str, state: dict[str, Any]) -> None:
+        rngs = self._get([t.rng_state.remote() for t in self.trainers], "a checkpoint")
+        self._get(self.trainers[0].save_checkpoint.remote(
+            path, {**state, "train_ranks": len(self.trainers)}, {"ranks": {str(r): s for r, s in enumerate(rngs)}}),
+            "a checkpoint")
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config.cluster
+        ray = _ray()
+        nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} if ray.is_initialized() else set()
+        return {"executor": "ray", "mode": c.mode, "train_ranks": c.train_devices, "engines": c.rollout_devices,
+                "placement": c.placement, "nodes": len(nodes), "ray_address": c.ray_address or "local",
+                "sync": "distributed (gloo)" if self.device.name == "cpu" else f"distributed ({self.device.dist_backend})"}
+
+    def shutdown(self) -> None:
+        ray = _ray()
+        for actor in self.trainers + self.engines:
+            try:
+                ray.kill(actor)
+            except Exception:  # already dead: nothing to release
+                pass
+        self.trainers, self.engines = [], []
+        if self.pg is not None:
+            try:
+                ray.util.remove_placement_group(self.pg)
+            except Exception:
+                pass
+            self.pg = None
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def shard_by_group(trajs: Sequence[Trajectory], ranks: int) -> list[list[Trajectory]]:
+    """Whole groups per rank (advantages are normalised within a group), groups dealt in order."""
+    groups: dict[int, list[Trajectory]] = {}
+    for t in trajs:
+        groups.setdefault(t.group, []).append(t)
+    ordered = list(groups.values())
+    if len(ordered) % ranks:
+        raise UserError(f"{len(ordered)} prompt groups cannot be split evenly over {ranks} trainer ranks; "
+                        "make rollout.prompts_per_step a multiple of cluster.train_devices")
+    per = len(ordered) // ranks
+    return [[t for g in ordered[r * per:(r + 1) * per] for t in g] for r in range(ranks)]

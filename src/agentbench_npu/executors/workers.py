@@ -1,0 +1,211 @@
+"""TrainWorker and EngineWorker: plain classes that both executors use (Ray wraps them as actors).
+
+A TrainWorker is one data-parallel trainer rank: its model copy, optimizer and GRPO step; rank 0 also
+saves checkpoints and sends weights. An EngineWorker holds one inference engine. Neither knows whether it
+lives in the driver process or in a Ray actor on another node.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..config import RunConfig
+from ..devices import Device
+from ..models.loading import load_causal_lm, load_tokenizer
+from ..sync.checksum import weights_checksum
+from ..sync.distributed import BucketBuffers, receive_weights, send_weights, weight_specs
+from ..training.checkpoint import load_checkpoint, optimizer_checksum, save_checkpoint
+from ..training.trainer import Trainer
+from ..types import GenerateRequest, GenerateResult, Trajectory
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to build itself, picklable so that Ray can ship it."""
+
+    config: RunConfig
+    model_dir: str
+    device: Device
+    device_index: int = 0
+    rank: int = 0
+    world_size: int = 1
+    dist_address: str = ""  # tcp://host:port of the data-parallel group (world_size > 1)
+    resume_from: str = ""  # a checkpoint dir to load
+    faults: list = field(default_factory=list)  # Fault objects; each applies itself to its role
+
+
+def _prepare_process(spec: WorkerSpec) -> torch.device:
+    c = spec.config
+    if c.run.threads:
+        torch.set_num_threads(c.run.threads)
+    spec.device.prepare()
+    spec.device.set_deterministic(c.run.deterministic)
+    spec.device.seed(c.run.seed)
+    return spec.device.torch_device(spec.device_index)
+
+
+class TrainWorker:
+    role = "trainer"
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.config = spec.config
+        self.device = spec.device
+        self.rank = spec.rank
+        self.resumed = bool(spec.resume_from)
+        self._update_group: Any = None
+        self._buffers: BucketBuffers | None = None
+
+    def setup(self, dist_address: str = "") -> dict[str, Any]:
+        """Load the model (or the checkpoint) and join the data-parallel group; returns the checkpoint state."""
+        c = self.config
+        torch_device = _prepare_process(self.spec)
+        group = None
+        if self.spec.world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group(self.device.dist_backend, init_method=dist_address or self.spec.dist_address,
+                                    rank=self.rank, world_size=self.spec.world_size,
+                                    timeout=timedelta(seconds=120))
+            group = dist.group.WORLD
+        model_dir = Path(self.spec.resume_from) / "model" if self.resumed else Path(self.spec.model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.model = load_causal_lm(model_dir, c.model.dtype, torch_device, c.model.attn_implementation)
+        self.trainer = Trainer(self.model, c.train_config(), torch_device, self.tokenizer.pad_token_id,
+                               process_group=group)
+        state: dict[str, Any] = {}
+        if self.resumed:
+            checkpoint = load_checkpoint(Path(self.spec.resume_from))
+            self.trainer.load_state_dict(checkpoint.trainer)
+            rng = checkpoint.rng.get("ranks", {}).get(str(self.rank), checkpoint.rng)
+            self.device.set_rng_state(rng)
+            state = checkpoint.state
+        for fault in self.spec.faults:
+            if fault.role == self.role:
+                fault.inject(self)
+        return state
+
+    # -- training ----------------------------------------------------------------------------
+    def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
+        metrics = self.trainer.train_step(trajs)
+        metrics["weights_checksum"] = self.checksum()
+        return metrics
+
+    def logprobs_for(self, trajs: Sequence[Trajectory]) -> list[list[float]]:
+        return self.trainer.logprobs_for(trajs)
+
+    def checksum(self, dtype: str = "") -> str:
+        target = _dtype(dtype)
+        return weights_checksum((n, p.detach().to(target) if target else p.detach())
+                                for n, p in self.model.named_parameters())
+
+    def named_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, p.detach()) for n, p in self.model.named_parameters()]
+
+    def rng_state(self) -> dict[str, Any]:
+        return self.device.rng_state()
+
+    def save_checkpoint(self, path: str, state: dict[str, Any], rng: dict[str, Any]) -> None:
+        save_checkpoint(Path(path), model=self.model, tokenizer=self.tokenizer,
+                        trainer_state=self.trainer.state_dict(), rng_state=rng,
+                        state={**state, "weights_checksum": self.checksum(),
+                               "optimizer_checksum": optimizer_checksum(self.trainer.optimizer)})
+
+    # -- distributed weight sync (rank 0 sends) -------------------------------------------------
+    def weight_specs(self) -> list[tuple[str, tuple, str]]:
+        dtype = self.config.model.engine_dtype or self.config.model.dtype
+        return [(n, shape, dtype) for n, shape, _ in weight_specs(self.named_weights())]
+
+    def join_update_group(self, host: str, port: int, world_size: int) -> None:
+        from ..sync.distributed import open_group
+
+        self._update_group = open_group(host, port, rank=0, world_size=world_size)
+
+    def node_address(self) -> tuple[str, int]:
+        return node_address()
+
+    def send_weights(self, bucket_bytes: int, dtype: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        named = [(n, t.to(_dtype(dtype)) if dtype else t) for n, t in self.named_weights()]
+        if self._buffers is None:
+            self._buffers = BucketBuffers(weight_specs(named), bucket_bytes)
+        sent = send_weights(self._update_group, named, self._buffers)
+        return {"seconds": time.perf_counter() - start, "bytes": sent, "tensors": len(named),
+                "checksum": weights_checksum(named)}
+
+
+class EngineWorker:
+    role = "engine"
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.config = spec.config
+        self.device = spec.device
+        self._update_group: Any = None
+        self._buffers: BucketBuffers | None = None
+
+    def setup(self, engine_factory: Any) -> str:
+        c = self.config
+        torch_device = _prepare_process(self.spec)
+        model_dir = Path(self.spec.resume_from) / "model" if self.spec.resume_from else Path(self.spec.model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        self.engine = engine_factory.create(
+            model_dir, tokenizer=tokenizer, dtype=c.model.engine_dtype or c.model.dtype, device=torch_device,
+            seed=c.run.seed, attn_implementation=c.model.attn_implementation,
+        )
+        for fault in self.spec.faults:
+            if fault.role == self.role:
+                fault.inject(self)
+        return self.engine.checksum()
+
+    def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
+        return self.engine.generate_batch(requests)
+
+    def update_weights_from_disk(self, path: str) -> int:
+        import asyncio
+
+        return asyncio.run(self.engine.update_weights_from_disk(path))
+
+    def checksum(self) -> str:
+        return self.engine.checksum()
+
+    def set_weight_version(self, version: int) -> None:
+        self.engine.weight_version = version
+
+    def join_update_group(self, host: str, port: int, rank: int, world_size: int,
+                          specs: list[tuple[str, tuple, str]], bucket_bytes: int) -> None:
+        from ..sync.distributed import open_group
+
+        self._update_group = open_group(host, port, rank=rank, world_size=world_size)
+        self._buffers = BucketBuffers(specs, bucket_bytes)
+
+    def receive_weights(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        named = receive_weights(self._update_group, self._buffers)
+        version = self.engine.update_weights_from_tensors(named)
+        return {"seconds": time.perf_counter() - start, "checksum": self.engine.checksum(), "version": version}
+
+
+def node_address() -> tuple[str, int]:
+    """This node's address as Ray knows it (loopback outside Ray) and a free port on it."""
+    import socket
+
+    try:
+        import ray
+
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+    except ImportError:
+        host = "127.0.0.1"
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return host, s.getsockname()[1]
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
