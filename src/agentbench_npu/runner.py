@@ -61,6 +61,7 @@ class Run:
     model_dir: str = ""
     gates: list[GateResult] = field(default_factory=list)
     cluster: Any = None
+    cluster_info: dict[str, Any] = field(default_factory=dict)
 
 
 class Runner:
@@ -129,6 +130,7 @@ class Runner:
         self.run.cluster = self.cluster
         state = self.cluster.start(str(self.base_model_dir if self.checkpoint else model_dir),
                                    resume_from=str(self.checkpoint.path.absolute()) if self.checkpoint else "")
+        self.run.cluster_info = self.cluster.describe()
         self.start_step, self.cursor = int(state.get("step", 0)), int(state.get("cursor", 0))
         first = self.cluster.sync_weights()
         if not first.checksums_match:
@@ -161,11 +163,13 @@ class Runner:
                 self._write_report("running")
                 self.progress.step(metrics, total)
                 self.plugins.call("step_finished", run=self.run, step=step, metrics=metrics)
-                if self._checkpoint_due(step + 1):
-                    self._save_checkpoint(self.run.out_dir / "checkpoints" / f"step-{step + 1:06d}", step + 1, retain=True)
+                done = step + 1
+                if self._checkpoint_due(done):
+                    self._save_checkpoint(self.run.out_dir / "checkpoints" / f"step-{done:06d}", done, retain=True)
                 for gate in self.gates:
-                    if hasattr(gate, "split_step") and gate.split_step(self.config) == step + 1:
-                        self._save_checkpoint(gate.checkpoint_dir(self.run.out_dir, self.config), step + 1)
+                    if hasattr(gate, "split_step") and gate.split_step(self.config) == done:
+                        self._save_checkpoint(gate.checkpoint_dir(self.run.out_dir, self.config), done)
+            self._shutdown()  # the gates' own runs need the devices (and CPUs) back
             self.run.gates = self._evaluate_gates()
             status = "passed" if all(g.passed for g in self.run.gates) else "failed"
             report = self._write_report(status)
@@ -177,10 +181,14 @@ class Runner:
             raise
         finally:
             self.progress.done()
-            if self.run.cluster is not None:
-                self.run.cluster.shutdown()
+            self._shutdown()
         self.plugins.call("run_finished", run=self.run, report=report)
         return report
+
+    def _shutdown(self) -> None:
+        if self.run.cluster is not None:
+            self.run.cluster.shutdown()
+            self.run.cluster = None
 
     def _tasks(self, count: int) -> list[Task]:
         c = self.config
@@ -313,8 +321,7 @@ class Runner:
             "run_dir": str(self.run.out_dir),
             "resumed_from": self.run.resumed_from,
             "model_dir": self.run.model_dir,
-            "environment": {**environment(getattr(self, "device", None)),
-                            "cluster": self.run.cluster.describe() if self.run.cluster is not None else {}},
+            "environment": {**environment(getattr(self, "device", None)), "cluster": self.run.cluster_info},
             "config": self.config.to_dict(),
             "config_digest": self.config.digest(),
             "steps": steps,
