@@ -2,7 +2,9 @@
 
 cold: an empty model cache, so the tiny model is built and warm-started first.
 warm: the same cache again, as a user's second run.
-Prints both, their ratio, and each against its target (cold <= 60 s, warm <= 20 s on 2 cores).
+Each with the four gates (the default; reproducibility and continuity each start a second process) and
+without them (`--gates none`: the loop alone). Prints all four, and each against its target
+(cold <= 60 s, warm <= 20 s on 2 cores).
 
     python benchmarks/run_wall_time.py [--scenario base] [--steps 10]
 """
@@ -19,11 +21,11 @@ import time
 TARGETS = {"cold": 60.0, "warm": 20.0}
 
 
-def timed_run(scenario: str, steps: int, cache: str, out: str) -> float:
+def timed_run(scenario: str, steps: int, cache: str, out: str, gates: str) -> float:
     env = {**os.environ, "AGENTBENCH_NPU_CACHE": cache}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "agentbench_npu", "run", scenario, "--steps", str(steps),
-                           "--out", out, "-q"], env=env, capture_output=True, text=True)
+                           "--out", out, "--gates", gates, "-q"], env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"run failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -35,14 +37,18 @@ def main() -> None:
     parser.add_argument("--scenario", default="base")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = os.path.join(tmp, "cache")
-        cold = timed_run(args.scenario, args.steps, cache, os.path.join(tmp, "cold"))
-        warm = timed_run(args.scenario, args.steps, cache, os.path.join(tmp, "warm"))
+    results = {}
+    for gates in ("none", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = os.path.join(tmp, "cache")
+            for name in ("cold", "warm"):
+                results[(name, gates)] = timed_run(args.scenario, args.steps, cache, os.path.join(tmp, name), gates)
     print(f"run {args.scenario}, {args.steps} steps, {os.cpu_count()} cores")
-    for name, seconds in (("cold", cold), ("warm", warm)):
-        print(f"{name}: {seconds:6.1f} s   {seconds / TARGETS[name]:.2f} of the {TARGETS[name]:.0f} s target")
-    print(f"cold / warm: {cold / warm:.2f}x")
+    for (name, gates), seconds in results.items():
+        label = f"{name}, gates {gates}"
+        print(f"{label:18s} {seconds:6.1f} s   {seconds / TARGETS[name]:.2f} of the {TARGETS[name]:.0f} s target")
+    for gates in ("none", "all"):
+        print(f"cold / warm (gates {gates}): {results[('cold', gates)] / results[('warm', gates)]:.2f}x")
 
 
 if __name__ == "__main__":

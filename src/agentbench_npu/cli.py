@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import Layer, load_toml, parse_set, profile_layer, resolve
-from .errors import UserError
+from .errors import UserError, one_line
 from .plugins import KINDS, Plugins, load_plugins
 
 # Not on a terminal (CI logs, pipes) rich would assume 80 columns and cut the step table.
@@ -288,6 +289,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_ERROR)
     except click.exceptions.Abort:
         err_console.print("aborted")
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # a crash is an error (2), never "a gate failed" (1)
+        err_console.print(f"[red]error:[/] {escape(one_line(exc))} (unexpected; the run's report.json has the "
+                          "status; set AGENTBENCH_NPU_TRACEBACK=1 for the traceback)", highlight=False, soft_wrap=True)
+        if os.environ.get("AGENTBENCH_NPU_TRACEBACK"):
+            raise
         sys.exit(EXIT_ERROR)
 
 

@@ -397,3 +397,11 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
     for path in ("model.dtype",) + (("model.engine_dtype",) if get("model.engine_dtype") else ()):
         if get(path) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{path} must be one of float32, bfloat16, float16; got '{get(path)}'")
+    if get("model.dtype") != "float32":
+        raise ConfigError(f"model.dtype is '{get('model.dtype')}': the torch trainer keeps no float32 master weights, "
+                          "so small updates would round away; train in float32 and serve in half precision with "
+                          "model.engine_dtype=bfloat16")
+    prompts, ranks = get("rollout.prompts_per_step"), get("cluster.train_devices")
+    if prompts % ranks:
+        raise ConfigError(f"rollout.prompts_per_step ({prompts}) must be a multiple of cluster.train_devices ({ranks}): "
+                          "each trainer rank takes whole prompt groups")

@@ -90,6 +90,10 @@ class Runner:
             if self.checkpoint.state.get("scenario") != c.scenario:
                 raise UserError(f"checkpoint '{self.checkpoint.path}' is of scenario "
                                 f"'{self.checkpoint.state.get('scenario')}', not '{c.scenario}'")
+            saved_ranks = int(self.checkpoint.state.get("train_ranks", 1))
+            if saved_ranks != c.cluster.train_devices:
+                raise UserError(f"checkpoint '{self.checkpoint.path}' was saved by {saved_ranks} trainer rank(s); "
+                                f"resume it with --train-devices {saved_ranks}")
             if start >= c.run.steps:
                 raise UserError(f"checkpoint '{self.checkpoint.path}' is already at step {start}; "
                                 f"pass --steps larger than {start} to continue")
@@ -114,7 +118,10 @@ class Runner:
             torch.set_num_threads(c.run.threads)
         self.device.seed(c.run.seed)
         if self.checkpoint is not None:
-            model_dir = self.checkpoint.model_dir
+            # the run's initial policy (the KL anchor); the weights themselves come from the checkpoint
+            model_dir = Path(self.checkpoint.state.get("initial_model_dir") or self.checkpoint.model_dir)
+            if not model_dir.is_dir():
+                model_dir = self.checkpoint.model_dir
             self.run.resumed_from = str(self.checkpoint.path)
         elif c.warm_start.steps > 0 and hasattr(self.scenario, "demonstrations"):
             self.progress.phase("warm start", c.warm_start.steps)
@@ -128,7 +135,7 @@ class Runner:
         self.tokenizer = load_tokenizer(model_dir)
         self.cluster = make_cluster(c, self.device, self.engine_factory, self.faults)
         self.run.cluster = self.cluster
-        state = self.cluster.start(str(self.base_model_dir if self.checkpoint else model_dir),
+        state = self.cluster.start(str(model_dir),
                                    resume_from=str(self.checkpoint.path.absolute()) if self.checkpoint else "")
         self.run.cluster_info = self.cluster.describe()
         self.start_step, self.cursor = int(state.get("step", 0)), int(state.get("cursor", 0))
@@ -148,11 +155,11 @@ class Runner:
         self.recipe_path = out / "recipe.toml"
         atomic_write_text(self.recipe_path, self.config.to_toml())
         self.samples_path = out / "samples.jsonl"
-        if self.checkpoint is None:
-            self.samples_path.write_text("")
-        else:
-            self._carry_over_history()
         try:
+            if self.checkpoint is None:
+                self.samples_path.write_text("")
+            else:
+                self._carry_over_history()
             self._setup()
             self.plugins.call("run_started", run=self.run)
             total = self.config.run.steps
@@ -272,7 +279,7 @@ class Runner:
             old = json.loads((origin / "report.json").read_text())
             steps = [_metrics_from_dict(s) for s in old.get("steps", []) if s["step"] < upto]
         if (origin / "samples.jsonl").is_file():
-            rows = [r for r in (origin / "samples.jsonl").read_text().splitlines() if r and json.loads(r)["step"] < upto]
+            rows = [r for r in (origin / "samples.jsonl").read_text().splitlines() if _step_of_row(r) < upto]
         self.run.steps = steps
         self.samples_path.write_text("".join(r + "\n" for r in rows))
 
@@ -286,6 +293,7 @@ class Runner:
         """Save model, optimizer, RNG and cursor; `retain` applies checkpoint.keep to checkpoints/."""
         self.cluster.save_checkpoint(str(path), {
             "step": done, "cursor": self.cursor, "weight_version": self.cluster.weight_version,
+            "initial_model_dir": self.run.model_dir, "train_ranks": self.config.cluster.train_devices,
             "scenario": self.config.scenario, "config_digest": self.config.digest()})
         if not retain:
             return
@@ -331,6 +339,14 @@ class Runner:
             "summary": summarise(steps),
         }
         return report
+
+
+def _step_of_row(line: str) -> float:
+    """The step of a samples.jsonl line; a line torn by a killed run counts as never written."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _metrics_from_dict(row: dict[str, Any]) -> StepMetrics:

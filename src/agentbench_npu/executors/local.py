@@ -49,5 +49,16 @@ class LocalCluster(Cluster):
     def weight_version(self) -> int:
         return self.engine.weight_version
 
+    def shutdown(self) -> None:
+        """Drop the models and optimizer so that the gates' own runs get the device memory back."""
+        import gc
+
+        for name in ("trainer", "engine_worker", "engine"):
+            self.__dict__.pop(name, None)
+        gc.collect()
+        module = self.device.module()
+        if module is not None and hasattr(module, "empty_cache"):
+            module.empty_cache()
+
     def describe(self) -> dict[str, Any]:
         return {"executor": "local", "mode": "colocate", "train_ranks": 1, "engines": 1, "sync": "colocate"}

@@ -78,7 +78,8 @@ class RayEngineClient(EngineClient):
         return sums[0] if len(set(sums)) == 1 else "mismatch:" + ",".join(sums)
 
     async def model_info(self) -> dict[str, Any]:
-        return {"engines": len(self.engines)}
+        infos = await asyncio.gather(*[e.model_info.remote() for e in self.engines])
+        return {**infos[0], "engines": len(self.engines)}
 
 
 class RayCluster(Cluster):
@@ -88,6 +89,7 @@ class RayCluster(Cluster):
         self.engine_factory = engine_factory
         self.faults = faults
         self._version = 0
+        self._actor_nodes = 0
         self._started_ray = False
         self.pg = None
         self.trainers: list[Any] = []
@@ -153,7 +155,7 @@ class RayCluster(Cluster):
         if have.get(resource, 0) < len(bundles):
             self.shutdown()
             raise UserError(need)
-        self.pg = placement_group(bundles, strategy="SPREAD" if c.placement == "spread" else "PACK")
+        self.pg = placement_group(bundles, strategy="STRICT_SPREAD" if c.placement == "spread" else "PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             self.shutdown()
@@ -177,17 +179,25 @@ class RayCluster(Cluster):
                    for i, e in enumerate(self.engines)],
                   "weight-update group")
         self.engine = RayEngineClient(self.engines)
+        self._actor_nodes = len(set(self._get([a.node_id.remote() for a in self.trainers + self.engines], "set-up")))
         return states[0]
 
     def _get(self, refs: Any, what: str) -> Any:
+        """ray.get, but the first failure surfaces at once (not after the survivors' collective timeout)."""
         ray = _ray()
         try:
+            pending = list(refs) if isinstance(refs, list) else [refs]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
             return ray.get(refs)
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as exc:
             raise UserError(f"a Ray worker died during {what}: {one_line(exc)[:300]}; the run's last checkpoint "
                             "can be continued with --resume") from exc
         except ray.exceptions.RayTaskError as exc:
             raise UserError(f"{what} failed in a Ray worker: {one_line(exc.cause if exc.cause else exc)[:300]}") from exc
+        except ray.exceptions.RayError as exc:
+            raise UserError(f"{what} failed in Ray: {one_line(exc)[:300]}") from exc
 
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
@@ -204,7 +214,7 @@ class RayCluster(Cluster):
         sums = {r["checksum"] for r in received}
         self._version = received[0]["version"]
         return SyncResult(
-            transport=f"distributed ({self.device.dist_backend if self.device.name != 'cpu' else 'gloo'})",
+            transport="distributed (gloo)",
             seconds=max([sent["seconds"]] + [r["seconds"] for r in received]), bytes=sent["bytes"],
             tensors=sent["tensors"], trainer_checksum=sent["checksum"],
             engine_checksum=received[0]["checksum"] if len(sums) == 1 else "mismatch:" + ",".join(sorted(sums)),
@@ -217,7 +227,7 @@ class RayCluster(Cluster):
     def save_checkpoint(self, path: str, state: dict[str, Any]) -> None:
         rngs = self._get([t.rng_state.remote() for t in self.trainers], "a checkpoint")
         self._get(self.trainers[0].save_checkpoint.remote(
-            path, {**state, "train_ranks": len(self.trainers)}, {"ranks": {str(r): s for r, s in enumerate(rngs)}}),
+            path, state, {"ranks": {str(r): s for r, s in enumerate(rngs)}}),
             "a checkpoint")
 
     @property
@@ -229,8 +239,8 @@ class RayCluster(Cluster):
         ray = _ray()
         nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} if ray.is_initialized() else set()
         return {"executor": "ray", "mode": c.mode, "train_ranks": c.train_devices, "engines": c.rollout_devices,
-                "placement": c.placement, "nodes": len(nodes), "ray_address": c.ray_address or "local",
-                "sync": "distributed (gloo)" if self.device.name == "cpu" else f"distributed ({self.device.dist_backend})"}
+                "placement": c.placement, "cluster_nodes": len(nodes), "ray_address": c.ray_address or "local",
+                "sync": "distributed (gloo)", "actor_nodes": self._actor_nodes}
 
     def shutdown(self) -> None:
         ray = _ray()

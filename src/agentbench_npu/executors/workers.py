@@ -77,8 +77,11 @@ class TrainWorker:
         model_dir = Path(self.spec.resume_from) / "model" if self.resumed else Path(self.spec.model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_causal_lm(model_dir, c.model.dtype, torch_device, c.model.attn_implementation)
+        reference = None
+        if c.train.get("kl_coef", 0.0) > 0:  # the KL anchor is the run's initial policy, also after a resume
+            reference = load_causal_lm(Path(self.spec.model_dir), c.model.dtype, torch_device, c.model.attn_implementation)
         self.trainer = Trainer(self.model, c.train_config(), torch_device, self.tokenizer.pad_token_id,
-                               process_group=group)
+                               process_group=group, reference=reference)
         state: dict[str, Any] = {}
         if self.resumed:
             checkpoint = load_checkpoint(Path(self.spec.resume_from))
@@ -130,6 +133,9 @@ class TrainWorker:
     def node_address(self) -> tuple[str, int]:
         return node_address()
 
+    def node_id(self) -> str:
+        return current_node_id()
+
     def send_weights(self, bucket_bytes: int, dtype: str) -> dict[str, Any]:
         start = time.perf_counter()
         named = [(n, t.to(_dtype(dtype)) if dtype else t) for n, t in self.named_weights()]
@@ -164,6 +170,14 @@ class EngineWorker:
                 fault.inject(self)
         return self.engine.checksum()
 
+    def model_info(self) -> dict[str, Any]:
+        import asyncio
+
+        return asyncio.run(self.engine.model_info())
+
+    def node_id(self) -> str:
+        return current_node_id()
+
     def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         return self.engine.generate_batch(requests)
 
@@ -190,6 +204,16 @@ class EngineWorker:
         named = receive_weights(self._update_group, self._buffers)
         version = self.engine.update_weights_from_tensors(named)
         return {"seconds": time.perf_counter() - start, "checksum": self.engine.checksum(), "version": version}
+
+
+def current_node_id() -> str:
+    """The Ray node this worker runs on ('local' outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except ImportError:
+        return "local"
 
 
 def node_address() -> tuple[str, int]:

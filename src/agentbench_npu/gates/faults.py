@@ -127,6 +127,11 @@ def _needs_ranks(config: RunConfig) -> str | None:
     return None if n >= 2 else f"cluster.train_devices is {n}; it needs at least 2 data-parallel ranks"
 
 
+def _needs_two_prompts(config: RunConfig) -> str | None:
+    n = config.rollout.prompts_per_step
+    return None if n >= 2 else f"rollout.prompts_per_step is {n}; one task per step has no order to shuffle"
+
+
 def _shuffled_data_order(runner: Any) -> None:
     """Each step's tasks come in an order shuffled by an unseeded RNG (a data loader without a seed)."""
     original = runner._tasks
@@ -134,8 +139,8 @@ def _shuffled_data_order(runner: Any) -> None:
 
     def tasks(count: int) -> list:
         drawn = original(count)
-        rng.shuffle(drawn)
-        return drawn
+        shift = rng.randrange(1, len(drawn)) if len(drawn) > 1 else 0  # a rotation: never the same order
+        return drawn[shift:] + drawn[:shift]
 
     runner._tasks = tasks
 
@@ -156,7 +161,7 @@ FAULTS = (
     Fault("skip-rng-restore", "resume does not restore the saved RNG states", "checkpoint_continuity", "trainer",
           _skip_rng_restore, cannot_bite=_needs_global_rng),
     Fault("shuffled-data-order", "tasks are shuffled by an unseeded RNG", "reproducibility", "driver",
-          _shuffled_data_order, also_affects=("checkpoint_continuity",)),
+          _shuffled_data_order, also_affects=("checkpoint_continuity",), cannot_bite=_needs_two_prompts),
     Fault("rank-divergence", "one trainer rank steps with its local gradients instead of the all-reduced ones",
           "ranks", "trainer", _rank_divergence, also_affects=("logprob_alignment", "weight_sync"),
           cannot_bite=_needs_ranks),

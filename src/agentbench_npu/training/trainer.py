@@ -9,7 +9,6 @@ advantages, recomputes the log-probs of every response token with the current we
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -87,8 +86,9 @@ def _slice(batch: PackedBatch, rows: slice) -> PackedBatch:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device, pad_id: int,
-                 process_group: Any = None):
-        """`process_group`: the data-parallel group when several ranks each train on a shard."""
+                 process_group: Any = None, reference: torch.nn.Module | None = None):
+        """`process_group`: the data-parallel group when several ranks each train on a shard.
+        `reference`: the frozen policy of the KL term (default: a copy of `model` as it is now)."""
         self.model = model
         self.group = process_group
         self.config = config
@@ -104,7 +104,7 @@ class Trainer:
         )
         self.ref_model = None
         if config.kl_coef > 0:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ref_model = (reference if reference is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
     # -- log-probs ---------------------------------------------------------------------------
     def _logprobs(self, model: torch.nn.Module, batch: PackedBatch, *, truncate: bool = True,
@@ -159,7 +159,9 @@ class Trainer:
             return values
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64)
+        # on the training device: nccl / hccl groups take no host tensors
+        t = torch.tensor(values, dtype=torch.float64 if self.device.type == "cpu" else torch.float32,
+                         device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
         return t.tolist()
 
@@ -170,6 +172,9 @@ class Trainer:
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+        for p in self.model.parameters():  # a rank with an empty minibatch still sends a full (zero) buffer
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         flat = _flatten_dense_tensors(grads)
         dist.all_reduce(flat, group=self.group)
@@ -206,11 +211,13 @@ class Trainer:
 
         self.model.train()
         n = len(trajs)
-        per_mb = math.ceil(n / max(1, c.num_minibatches))
+        k = max(1, c.num_minibatches)
         sums = {"loss": 0.0, "entropy": 0.0, "ref_kl": 0.0, "ppo_kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         updates = 0
-        for mb_start in range(0, n, per_mb):
-            mb_rows = slice(mb_start, min(n, mb_start + per_mb))
+        # exactly k optimizer steps, whatever n is: every data-parallel rank joins the same collectives
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        for mb_start, mb_stop in zip(bounds, bounds[1:]):
+            mb_rows = slice(mb_start, mb_stop)
             mb_tokens = max(1.0, self._all_reduce([float(mask[mb_rows].sum())])[0])
             self.optimizer.zero_grad(set_to_none=True)
             stats = {k: 0.0 for k in sums if k != "grad_norm"}
