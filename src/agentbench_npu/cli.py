@@ -190,7 +190,7 @@ def _print_summary(report: dict[str, Any]) -> None:
 EXECUTORS = {
     "local": "trainer and engine in this process, weights copied in memory (colocate)",
     "ray": "trainer ranks and engines as Ray actors (colocate or disaggregated, one node or many), "
-           "weights broadcast over a process group",
+           "weights broadcast over a gloo process group",
 }
 PARALLELISM = ("data parallel over trainer ranks (torch.distributed: gloo / nccl / hccl). Tensor, pipeline and "
                "expert parallelism (TP / PP / EP) need the Megatron backend, which is not built yet.")

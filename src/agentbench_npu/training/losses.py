@@ -23,7 +23,9 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[int], normalise_
 
 
 def k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """k3 estimator of KL(π ‖ π_ref) per token, r = logp_ref − logp: exp(r) − r − 1 (≥ 0, unbiased)."""
+    """k3 per token, r = logp_ref − logp: exp(r) − r − 1 (≥ 0, 0 where they agree). Over tokens sampled
+    from π it estimates KL(π ‖ π_ref) without bias; the runner's train/rollout mismatch score uses the
+    r = logp_rollout − logp_train form peers report."""
     r = logp_ref - logp
     return torch.expm1(r) - r
 
