@@ -63,7 +63,11 @@ class RayEngineClient(EngineClient):
         n = len(self.engines)
         size = -(-len(batch) // n)
         chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
-        parts = await asyncio.gather(*[e.generate_batch.remote(c) for e, c in zip(self.engines, chunks)])
+        ray = _ray()
+        try:
+            parts = await asyncio.gather(*[e.generate_batch.remote(c) for e, c in zip(self.engines, chunks)])
+        except ray.exceptions.RayError as exc:
+            raise ray_failure(exc, "generation") from exc
         return [r for part in parts for r in part]
 
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
@@ -191,13 +195,8 @@ class RayCluster(Cluster):
                 done, pending = ray.wait(pending, num_returns=1)
                 ray.get(done)
             return ray.get(refs)
-        except (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as exc:
-            raise UserError(f"a Ray worker died during {what}: {one_line(exc)[:300]}; the run's last checkpoint "
-                            "can be continued with --resume") from exc
-        except ray.exceptions.RayTaskError as exc:
-            raise UserError(f"{what} failed in a Ray worker: {one_line(exc.cause if exc.cause else exc)[:300]}") from exc
         except ray.exceptions.RayError as exc:
-            raise UserError(f"{what} failed in Ray: {one_line(exc)[:300]}") from exc
+            raise ray_failure(exc, what) from exc
 
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
@@ -258,6 +257,17 @@ class RayCluster(Cluster):
             self.pg = None
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
+
+
+def ray_failure(exc: BaseException, what: str) -> UserError:
+    """A Ray error as the one-line error a user can act on."""
+    ray = _ray()
+    if isinstance(exc, (ray.exceptions.RayActorError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError)):
+        return UserError(f"a Ray worker died during {what}: {one_line(exc)[:300]}; the run's last checkpoint "
+                         "can be continued with --resume")
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        return UserError(f"{what} failed in a Ray worker: {one_line(exc.cause if exc.cause else exc)[:300]}")
+    return UserError(f"{what} failed in Ray: {one_line(exc)[:300]}")
 
 
 def shard_by_group(trajs: Sequence[Trajectory], ranks: int) -> list[list[Trajectory]]:
