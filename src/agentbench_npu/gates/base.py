@@ -128,6 +128,11 @@ def evaluate_gates(gates: Sequence[Any], ctx_for: Callable[[Any], GateContext],
     return results
 
 
+def first_problem(problems: list[str]) -> str:
+    """The detail of a failed gate: where it first broke, and how many other places broke too."""
+    return problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 def exceeds(value: float, limit: float) -> bool:
     """True when `value` is above `limit` or is NaN (NaN compares false with everything)."""
     return not value <= limit

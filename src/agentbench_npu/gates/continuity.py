@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..types import GateResult
-from .base import GateContext
+from .base import GateContext, first_problem
 from .reproducibility import compare_steps
 
 
@@ -45,7 +45,7 @@ class CheckpointContinuityGate:
         threshold = {"relative_tolerance": tolerance, "split_step": split}
         if problems:
             return GateResult(self.name, False, {"mismatches": len(problems)}, threshold,
-                              problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+                              first_problem(problems))
         return GateResult(self.name, True, {"mismatches": 0}, threshold,
                           f"saved at step {split}, resumed in a new process: steps {split}-{total - 1}, weights "
                           "and optimizer state identical to the uninterrupted run")

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..types import GateResult
-from .base import GateContext, exceeds
+from .base import GateContext, exceeds, first_problem
 
 
 def _where(row: dict[str, Any]) -> str:
@@ -54,8 +54,7 @@ class LogprobAlignmentGate:
                                     f"{mean / max(median, 1e-30):.1f}x the running median {median:.3g}")
             history.append(mean)
         if problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            return GateResult(self.name, False, value, threshold, problems[0] + more)
+            return GateResult(self.name, False, value, threshold, first_problem(problems))
         worst = max(steps, key=lambda s: s["logprob_abs_diff_mean"])
         return GateResult(self.name, True, value, threshold,
                           f"{len(steps)} steps within bounds; largest step mean {worst['logprob_abs_diff_mean']:.3g} "

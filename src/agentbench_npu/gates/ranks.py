@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..types import GateResult
-from .base import GateContext
+from .base import GateContext, first_problem
 
 
 class RanksGate:
@@ -36,6 +36,6 @@ class RanksGate:
         threshold = {"divergent_steps": 0}
         if problems:
             return GateResult(self.name, False, value, threshold,
-                              problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+                              first_problem(problems))
         return GateResult(self.name, True, value, threshold,
                           f"{ranks} ranks hold identical weights at all {len(ctx.steps)} steps")

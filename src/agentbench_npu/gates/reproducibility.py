@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..types import GateResult
-from .base import GateContext, relative_gap
+from .base import GateContext, first_problem, relative_gap
 
 COMPARED = ("tokens_digest", "reward_mean", "loss", "weights_checksum")
 
@@ -26,7 +26,7 @@ class ReproducibilityGate:
         threshold = {"relative_tolerance": tolerance, "steps": count}
         if problems:
             return GateResult(self.name, False, {"mismatches": len(problems)}, threshold,
-                              problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+                              first_problem(problems))
         how = "bitwise" if tolerance == 0 else f"within {tolerance:g}"
         return GateResult(self.name, True, {"mismatches": 0}, threshold,
                           f"{count} steps identical ({how}) in a second process")

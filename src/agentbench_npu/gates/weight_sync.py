@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..types import GateResult
-from .base import GateContext, exceeds
+from .base import GateContext, exceeds, first_problem
 
 
 class WeightSyncGate:
@@ -33,7 +33,6 @@ class WeightSyncGate:
                 problems.append(f"step {s['step']}: probe |engine - trainer| log-prob max "
                                 f"{s['sync_probe_abs_diff_max']:.3g} > {limit:g}")
         if problems:
-            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
-            return GateResult(self.name, False, value, threshold, problems[0] + more)
+            return GateResult(self.name, False, value, threshold, first_problem(problems))
         return GateResult(self.name, True, value, threshold,
                           f"{len(steps)} syncs verified; {value['seconds_mean'] * 1000:.1f} ms mean")
