@@ -2,11 +2,15 @@
 
 schema_version 1:
   schema_version, scenario, checklist_item, status (running | passed | failed | error), error,
-  started_at, finished_at, run_dir, environment {...}, config {...fully resolved...}, config_digest,
+  started_at, finished_at, run_dir, resumed_from, model_dir,
+  environment {device, device_name, device_count, python, torch, transformers, host, agentbench_npu,
+               torch_npu / sglang / megatron_core when installed, cluster {executor, mode, ...}},
+  config {...fully resolved...}, config_digest,
   steps [ {step, reward_mean, reward_std, loss, kl, entropy, logprob_abs_diff_mean,
            logprob_abs_diff_max, rollout_seconds, train_seconds, weight_sync_seconds,
-           weights_checksum_match, tokens_per_second, ...extra metrics} ],
-  gates [ {name, passed, value, threshold, detail} ], checkpoints [paths], summary {...}
+           weights_checksum_match, tokens_per_second, ...extra metrics: weights_checksum,
+           sync_probe_abs_diff_max, tokens_digest, rank_checksums, weight_sync_transport, ...} ],
+  gates [ {name, passed, value, threshold, detail} ], faults [names], checkpoints [paths], summary {...}
 """
 
 from __future__ import annotations
