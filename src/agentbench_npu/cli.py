@@ -16,7 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .config import Layer, load_toml, parse_set, profile_layer, resolve
+from .config import resolve
+from .recipes import Layer, load_toml, parse_set, profile_layer
 from .errors import UserError, one_line
 from .plugins import KINDS, Plugins, load_plugins
 

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Mapping, Protocol, Sequence, runtime_checkable
 
-from .config import Layer
+from .recipes import Layer
 from .engines.base import EngineClient
 from .types import SamplingParams, Task, Trajectory
 

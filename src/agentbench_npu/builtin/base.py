@@ -6,7 +6,7 @@ import random
 import re
 from typing import Any, Mapping
 
-from ..config import Layer, packaged_recipe
+from ..recipes import Layer, packaged_recipe
 from ..scenario import RolloutContext
 from ..types import Task, Trajectory
 
