@@ -127,20 +127,19 @@ def _needs_ranks(config: RunConfig) -> str | None:
     return None if n >= 2 else f"cluster.train_devices is {n}; it needs at least 2 data-parallel ranks"
 
 
-def _needs_two_prompts(config: RunConfig) -> str | None:
-    n = config.rollout.prompts_per_step
-    return None if n >= 2 else f"rollout.prompts_per_step is {n}; one task per step has no order to shuffle"
-
-
 def _shuffled_data_order(runner: Any) -> None:
-    """Each step's tasks come in an order shuffled by an unseeded RNG (a data loader without a seed)."""
+    """Each step reads its tasks from a place in the data chosen by an unseeded RNG (a data loader that
+    shuffles without the run's seed); the cursor still advances as if nothing were wrong."""
     original = runner._tasks
     rng = random.Random(os.urandom(16))
 
     def tasks(count: int) -> list:
-        drawn = original(count)
-        shift = rng.randrange(1, len(drawn)) if len(drawn) > 1 else 0  # a rotation: never the same order
-        return drawn[shift:] + drawn[:shift]
+        start = runner.cursor
+        runner.cursor = rng.randrange(1, 1 << 40)
+        try:
+            return original(count)
+        finally:
+            runner.cursor = start + count
 
     runner._tasks = tasks
 
@@ -160,8 +159,8 @@ FAULTS = (
           _drop_optimizer_state),
     Fault("skip-rng-restore", "resume does not restore the saved RNG states", "checkpoint_continuity", "trainer",
           _skip_rng_restore, cannot_bite=_needs_global_rng),
-    Fault("shuffled-data-order", "tasks are shuffled by an unseeded RNG", "reproducibility", "driver",
-          _shuffled_data_order, also_affects=("checkpoint_continuity",), cannot_bite=_needs_two_prompts),
+    Fault("shuffled-data-order", "tasks are drawn in an order shuffled by an unseeded RNG", "reproducibility", "driver",
+          _shuffled_data_order, also_affects=("checkpoint_continuity",)),
     Fault("rank-divergence", "one trainer rank steps with its local gradients instead of the all-reduced ones",
           "ranks", "trainer", _rank_divergence, also_affects=("logprob_alignment", "weight_sync"),
           cannot_bite=_needs_ranks),
