@@ -35,7 +35,6 @@ class WorkerSpec:
     device_index: int = 0
     rank: int = 0
     world_size: int = 1
-    dist_address: str = ""  # tcp://host:port of the data-parallel group (world_size > 1)
     resume_from: str = ""  # a checkpoint dir to load
     faults: list = field(default_factory=list)  # Fault objects; each applies itself to its role
 
@@ -70,7 +69,7 @@ class TrainWorker:
         if self.spec.world_size > 1:
             import torch.distributed as dist
 
-            dist.init_process_group(self.device.dist_backend, init_method=dist_address or self.spec.dist_address,
+            dist.init_process_group(self.device.dist_backend, init_method=dist_address,
                                     rank=self.rank, world_size=self.spec.world_size,
                                     timeout=timedelta(seconds=120))
             group = dist.group.WORLD
@@ -103,10 +102,8 @@ class TrainWorker:
     def logprobs_for(self, trajs: Sequence[Trajectory]) -> list[list[float]]:
         return self.trainer.logprobs_for(trajs)
 
-    def checksum(self, dtype: str = "") -> str:
-        target = _dtype(dtype)
-        return weights_checksum((n, p.detach().to(target) if target else p.detach())
-                                for n, p in self.model.named_parameters())
+    def checksum(self) -> str:
+        return weights_checksum(self.named_weights())
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         return [(n, p.detach()) for n, p in self.model.named_parameters()]
