@@ -103,6 +103,34 @@ class GatesSection:
     continuity_split: int = 0  # the step N to save at and resume from; 0 = half the steps
 
 
+@dataclass(frozen=True)
+class SandboxSection:
+    """Where agent tools run code: a sandbox backend (register_sandboxes) and the limits of every exec."""
+
+    backend: str = "local"  # local | docker | modal | any registered sandbox
+    wall_seconds: float = 10.0
+    cpu_seconds: float = 10.0
+    memory_mb: int = 512
+    processes: int = 32
+    output_bytes: int = 65536
+    file_mb: int = 64
+    network: bool = False
+    image: str = ""  # docker / modal: the image; "" = the backend's default
+    isolation: str = "auto"  # local: auto | namespaces | rlimits
+    slots: int = 128  # local: sandboxes open at once (each has its own uid)
+    uid_base: int = 61000  # local: first uid of the slots' range
+
+    def limits(self) -> Any:
+        from .sandbox.base import SandboxLimits
+
+        return SandboxLimits(wall_seconds=self.wall_seconds, cpu_seconds=self.cpu_seconds, memory_mb=self.memory_mb,
+                             processes=self.processes, output_bytes=self.output_bytes, file_mb=self.file_mb,
+                             network=self.network)
+
+    def options(self) -> dict[str, Any]:
+        return {"image": self.image, "isolation": self.isolation, "slots": self.slots, "uid_base": self.uid_base}
+
+
 TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("temperature", "top_p", "top_k"))
 
 
@@ -119,6 +147,7 @@ class RunConfig:
     checkpoint: CheckpointSection = CheckpointSection()
     cluster: ClusterSection = ClusterSection()
     gates: GatesSection = GatesSection()
+    sandbox: SandboxSection = SandboxSection()
     task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
 
     def train_config(self) -> TrainConfig:
@@ -148,7 +177,7 @@ class RunConfig:
 SECTIONS: dict[str, type] = {
     "run": RunSection, "model": ModelSection, "rollout": RolloutSection, "warm_start": WarmStartSection,
     "data": DataSection, "checkpoint": CheckpointSection, "cluster": ClusterSection,
-    "gates": GatesSection,
+    "gates": GatesSection, "sandbox": SandboxSection,
 }
 TOP_LEVEL = ("scenario", "profile", "checklist_item", "description")
 
@@ -251,13 +280,15 @@ def resolve(scenario: str, layers: list[Layer], task_defaults: Mapping[str, Any]
         rollout=RolloutSection(**merged["rollout"]), train=merged["train"],
         warm_start=WarmStartSection(**merged["warm_start"]), data=DataSection(**merged["data"]),
         checkpoint=CheckpointSection(**merged["checkpoint"]), cluster=ClusterSection(**merged["cluster"]),
-        gates=GatesSection(**merged["gates"]),
+        gates=GatesSection(**merged["gates"]), sandbox=SandboxSection(**merged["sandbox"]),
         task=merged["task"],
     )
 
 
 _POSITIVE = ("cluster.train_devices", "cluster.rollout_devices", "cluster.sync_bucket_mb", "run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
-             "train.micro_batch_size", "train.num_minibatches", "warm_start.batch_size")
+             "train.micro_batch_size", "train.num_minibatches", "warm_start.batch_size",
+             "sandbox.wall_seconds", "sandbox.cpu_seconds", "sandbox.memory_mb", "sandbox.processes",
+             "sandbox.output_bytes", "sandbox.file_mb", "sandbox.slots")
 _NON_NEGATIVE = ("run.threads", "warm_start.steps", "checkpoint.every", "checkpoint.keep", "train.warmup_steps",
                  "rollout.temperature", "train.kl_coef", "train.grad_clip")
 

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS = (
     "agentbench_npu.devices.plugin",
     "agentbench_npu.engines.plugin",
     "agentbench_npu.gates.plugin",
+    "agentbench_npu.sandbox.plugin",
     "agentbench_npu.builtin.plugin",
 )
 
