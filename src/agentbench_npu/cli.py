@@ -64,6 +64,7 @@ def cli() -> None:
 @click.option("--train-devices", type=int, help="data-parallel trainer ranks (ray)")
 @click.option("--rollout-devices", type=int, help="engine workers (ray)")
 @click.option("--gates", "gates", metavar="all|none|NAME,...", help="gates to evaluate (default: all that apply)")
+@click.option("--sandbox", help="where agent tools run code: local | docker | modal | a plugin's (default local)")
 @click.option("--inject-fault", "faults", multiple=True, metavar="NAME",
               help="break the run on purpose to prove a gate catches it (see `list`)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
@@ -71,8 +72,8 @@ def cli() -> None:
 def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, steps: int | None,
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
         overrides: tuple[str, ...], executor: str | None, ray_address: str | None, mode: str | None,
-        train_devices: int | None, rollout_devices: int | None, gates: str | None, faults: tuple[str, ...],
-        quiet: bool) -> None:
+        train_devices: int | None, rollout_devices: int | None, gates: str | None, sandbox: str | None,
+        faults: tuple[str, ...], quiet: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
     Exit status: 0 passed, 1 a gate failed, 2 error.
@@ -88,7 +89,7 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
                                 ("run", "faults", list(faults) or None), ("cluster", "executor", executor),
                                 ("cluster", "ray_address", ray_address), ("cluster", "mode", mode),
                                 ("cluster", "train_devices", train_devices),
-                                ("cluster", "rollout_devices", rollout_devices)):
+                                ("cluster", "rollout_devices", rollout_devices), ("sandbox", "backend", sandbox)):
         if value is not None:
             flags.setdefault(section, {})[key] = value
     user_layers = ([load_toml(recipe)] if recipe else []) + [Layer(flags, "command-line flags"), parse_set(list(overrides))]
@@ -222,7 +223,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
                                "parallelism": PARALLELISM}, indent=2))
         return
     for kind, items in rows.items():
-        table = Table(title=f"{kind}s", title_justify="left")
+        table = Table(title="sandboxes" if kind == "sandbox" else f"{kind}s", title_justify="left")
         extra = {"scenario": "checklist_item", "fault": "caught_by"}.get(kind)
         for col in ("name", "plugin", "distribution", "description") + ((extra,) if extra else ()):
             table.add_column(col.replace("_", " "))

@@ -48,6 +48,9 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
+    # lockstep: multi-turn agent loops decode in waves whose make-up does not depend on tool timing
+    # (bitwise reproducible); free: each request joins whatever batch is forming (engines/lockstep.py)
+    batching: str = "lockstep"
 
 
 @dataclass(frozen=True)
@@ -305,7 +308,8 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
         if get(path) < 0:
             raise ConfigError(f"{path} must be >= 0, got {get(path)}")
     for path, choices in (("cluster.executor", ("local", "ray")), ("cluster.mode", ("colocate", "disaggregated")),
-                          ("cluster.placement", ("pack", "spread"))):
+                          ("cluster.placement", ("pack", "spread")), ("rollout.batching", ("lockstep", "free")),
+                          ("sandbox.isolation", ("auto", "namespaces", "rlimits"))):
         if get(path) not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(choices)}; got '{get(path)}'")
     cluster = merged["cluster"]

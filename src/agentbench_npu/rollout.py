@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from .engines.base import EngineClient
+from .engines.lockstep import Lockstep
 from .errors import UserError, one_line
 from .scenario import RolloutContext
 from .types import SamplingParams, Task, Trajectory
@@ -28,13 +29,21 @@ class RolloutBatch:
 
 async def collect(scenario: Any, engine: EngineClient, tokenizer: Any, tasks: Sequence[Task], *, step: int,
                   seed: int, samples_per_prompt: int, sampling: SamplingParams, options: Mapping[str, Any],
-                  services: Mapping[str, Any] | None = None) -> RolloutBatch:
+                  services: Mapping[str, Any] | None = None, sandboxes: Any = None,
+                  batching: str = "lockstep") -> RolloutBatch:
+    """Run every agent loop of the step; with `batching="lockstep"` they decode in timing-free waves."""
+    lockstep = Lockstep(engine) if batching == "lockstep" else None
+
     async def one(task_index: int, task: Task, sample: int) -> list[Trajectory]:
         s = sample_seed(seed, step, task_index, sample)
-        ctx = RolloutContext(engine=engine, tokenizer=tokenizer, sampling=sampling.replace(seed=s),
-                             options=options, rng=random.Random(s), services=services or {})
+        ctx = RolloutContext(engine=lockstep or engine, tokenizer=tokenizer, sampling=sampling.replace(seed=s),
+                             options=options, rng=random.Random(s), services=services or {}, sandboxes=sandboxes)
         try:
-            produced = await scenario.rollout(ctx, task)
+            if lockstep is None:
+                produced = await scenario.rollout(ctx, task)
+            else:
+                async with lockstep.participant((task_index, sample)):
+                    produced = await scenario.rollout(ctx, task)
         except UserError:
             raise
         except Exception as exc:

@@ -62,6 +62,7 @@ class Run:
     gates: list[GateResult] = field(default_factory=list)
     cluster: Any = None
     cluster_info: dict[str, Any] = field(default_factory=dict)
+    sandbox_info: dict[str, Any] | None = None
 
 
 class Runner:
@@ -98,6 +99,9 @@ class Runner:
                 raise UserError(f"checkpoint '{self.checkpoint.path}' is already at step {start}; "
                                 f"pass --steps larger than {start} to continue")
         self.engine_factory = self.plugins.get("engine", c.run.engine).obj
+        self.sandbox_factory = None
+        if getattr(self.scenario, "uses_sandbox", False):
+            self.sandbox_factory = self.plugins.get("sandbox", c.sandbox.backend).obj
         torch_dtype(c.model.dtype)
         self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
@@ -138,6 +142,17 @@ class Runner:
         state = self.cluster.start(str(model_dir),
                                    resume_from=str(self.checkpoint.path.absolute()) if self.checkpoint else "")
         self.run.cluster_info = self.cluster.describe()
+        if self.sandbox_factory is not None:
+            self.progress.phase(f"sandbox {c.sandbox.backend}", None)
+            from .sandbox.base import SandboxError
+
+            try:
+                self.sandboxes = self.sandbox_factory(c.sandbox.limits(), c.sandbox.options())
+                asyncio.run(self.sandboxes.start())
+            except SandboxError as exc:
+                self.sandboxes = None
+                raise UserError(f"sandbox '{c.sandbox.backend}' could not start: {one_line(exc)}") from exc
+            self.run.sandbox_info = self.sandboxes.describe()
         self.start_step, self.cursor = int(state.get("step", 0)), int(state.get("cursor", 0))
         first = self.cluster.sync_weights()
         if not first.checksums_match:
@@ -193,6 +208,9 @@ class Runner:
         return report
 
     def _shutdown(self) -> None:
+        if getattr(self, "sandboxes", None) is not None:
+            sandboxes, self.sandboxes = self.sandboxes, None
+            asyncio.run(sandboxes.close())
         if self.run.cluster is not None:
             self.run.cluster.shutdown()
             self.run.cluster = None
@@ -216,6 +234,7 @@ class Runner:
         batch = asyncio.run(collect(
             self.scenario, self.cluster.engine, self.tokenizer, tasks, step=step, seed=c.run.seed,
             samples_per_prompt=r.samples_per_prompt, sampling=sampling, options=c.task,
+            sandboxes=getattr(self, "sandboxes", None), batching=r.batching,
         ))
         rollout_seconds = time.perf_counter() - t0
         trajs = batch.trajectories
@@ -229,6 +248,8 @@ class Runner:
         self._append_samples(step, trajs)
         extra = {k: v for k, v in train.items() if k not in ("loss", "kl", "entropy", "logprob_abs_diff_mean",
                                                             "logprob_abs_diff_max")}
+        if hasattr(self.scenario, "step_metrics"):
+            extra.update({k: float(v) for k, v in self.scenario.step_metrics(trajs).items()})
         extra.update({
             "trajectories": len(trajs),
             "truncated_fraction": sum(t.status == "truncated" for t in trajs) / len(trajs),
@@ -329,7 +350,8 @@ class Runner:
             "run_dir": str(self.run.out_dir),
             "resumed_from": self.run.resumed_from,
             "model_dir": self.run.model_dir,
-            "environment": {**environment(getattr(self, "device", None)), "cluster": self.run.cluster_info},
+            "environment": {**environment(getattr(self, "device", None)), "cluster": self.run.cluster_info,
+                            "sandbox": self.run.sandbox_info},
             "config": self.config.to_dict(),
             "config_digest": self.config.digest(),
             "steps": steps,

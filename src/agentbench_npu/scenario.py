@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Mapping, Protocol, Sequence, runtime_checkable
 
+from .errors import UserError
 from .recipes import Layer
 from .engines.base import EngineClient
 from .types import SamplingParams, Task, Trajectory
@@ -22,7 +23,11 @@ class Scenario(Protocol):
     tasks(...)      deterministic tasks from (seed, cursor): the same arguments give the same tasks
     rollout(ctx, task)   async agent loop → Trajectory or list of Trajectory
     reward(task, traj)   float reward for one trajectory
-    Optional: demonstrations(options, count, rng) → [(messages, response_text)] for the tiny warm start.
+    Optional:
+      demonstrations(options, count, seed) → [(messages, response_text)] for the tiny warm start
+      uses_sandbox = True   the runner then starts the configured sandbox backend ([sandbox]) for the
+                            run and agent loops open sandboxes with `ctx.sandbox()`
+      step_metrics(trajectories) → {name: float} merged into each step's report row
     """
 
     name: str
@@ -48,6 +53,14 @@ class RolloutContext:
     rng: random.Random
     services: Mapping[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("agentbench_npu.rollout"))
+    sandboxes: Any = None  # the run's SandboxProvider, when the scenario declares uses_sandbox
+
+    def sandbox(self) -> Any:
+        """A new sandbox for this agent loop: `async with ctx.sandbox() as box: await box.exec(...)`."""
+        if self.sandboxes is None:
+            raise UserError("this scenario opened a sandbox but does not declare `uses_sandbox = True`, "
+                            "so the runner started none")
+        return self.sandboxes.sandbox()
 
     def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
                add_generation_prompt: bool = True) -> list[int]:

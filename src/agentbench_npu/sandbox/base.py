@@ -17,6 +17,7 @@ An `exec` never raises for what the code did (crash, timeout, memory, flood of o
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, replace
@@ -24,6 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 ExecStatus = Literal["ok", "error", "timeout", "memory", "killed", "output_truncated"]
 STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "memory", "killed", "output_truncated")
+LARGE_CODE_BYTES = 64 * 1024
 
 
 class SandboxError(RuntimeError):
@@ -59,6 +61,7 @@ class ExecResult:
     stderr: str
     duration: float
     detail: str = ""  # why, in words, when status is not ok
+    signal: int | None = None  # the signal that ended the process, if one did
 
     @property
     def ok(self) -> bool:
@@ -74,7 +77,11 @@ class Sandbox(ABC):
     limits: SandboxLimits
 
     async def __aenter__(self) -> Sandbox:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()  # a half-made sandbox (a container, a work dir) must not outlive the error
+            raise
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -106,6 +113,10 @@ class Sandbox(ABC):
 
     async def run_python(self, code: str, *, timeout: float | None = None, stdin: str | bytes | None = None) -> ExecResult:
         """Run a Python snippet, the common case of agent tools. Backends may make this faster."""
+        if len(code.encode()) > LARGE_CODE_BYTES:  # one argv string may not pass 128 KiB on Linux
+            name = f".snippet-{hashlib.sha256(code.encode()).hexdigest()[:12]}.py"
+            await self.write_file(name, code)
+            return await self.exec(["python3", name], timeout=timeout, stdin=stdin)
         return await self.exec(["python3", "-c", code], timeout=timeout, stdin=stdin)
 
 
@@ -145,7 +156,7 @@ def inside(path: str) -> str:
     """`path` as a normalised path relative to the work dir; SandboxError if it would leave it."""
     if not path or "\x00" in path:
         raise SandboxError(f"bad sandbox path {path!r}")
-    norm = posixpath.normpath(path.lstrip("/") if not path.startswith("/") else path)
+    norm = posixpath.normpath(path)
     if norm.startswith("/") or norm == ".." or norm.startswith("../"):
         raise SandboxError(f"path {path!r} is outside the sandbox work dir; use a path relative to it")
     return norm
@@ -182,14 +193,22 @@ class OutputCap:
 
 
 def classify(exit_code: int | None, signal_number: int | None, stderr: str, *, timed_out: bool, truncated: bool,
-             cpu_limited: bool = False) -> tuple[ExecStatus, str]:
-    """One status for an ended process, shared by every backend so that they agree."""
+             cpu_limited: bool = False, memory_limited: bool = False) -> tuple[ExecStatus, str]:
+    """One status for an ended process, shared by every backend so that they agree.
+
+    `memory_limited` is for backends that learn of an out-of-memory kill from outside (a container's
+    OOMKilled); otherwise a failed process whose stderr ends in an allocation error is a memory failure.
+    """
     if truncated:
         return "output_truncated", "output exceeded the byte limit; the process was stopped"
     if timed_out:
         return "timeout", "wall-time limit reached; the process was killed"
     if cpu_limited:
         return "timeout", "CPU-time limit reached"
+    if memory_limited:
+        return "memory", "memory limit reached; the process was killed"
+    if not exit_code and signal_number is None:
+        return "ok", ""  # a program that handled its own MemoryError and exited 0 did fine
     tail = stderr[-2000:]
     if "MemoryError" in tail or "Cannot allocate memory" in tail or "std::bad_alloc" in tail:
         return "memory", "memory limit reached"

@@ -64,6 +64,7 @@ class ZygoteLink:
         self._ids = itertools.count(1)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._execs: dict[int, _Exec] = {}
+        self._reaps: dict[int, concurrent.futures.Future] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._closed = False
@@ -87,10 +88,17 @@ class ZygoteLink:
         os.write(self._wake_w, b"x")
         return future
 
-    def reap(self, uid: int) -> None:
-        """Kill whatever runs under `uid` now (a closing sandbox's leftovers)."""
-        self._queue.put({"op": "reap", "uid": uid})
+    def reap(self, uid: int) -> concurrent.futures.Future:
+        """Kill whatever runs under `uid` now (a closing sandbox's leftovers); resolves when all are gone."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if self._broken or self._closed:
+            future.set_result(None)  # no worker, nothing of ours runs
+            return future
+        request_id = next(self._ids)
+        self._reaps[request_id] = future
+        self._queue.put({"op": "reap", "uid": uid, "id": request_id})
         os.write(self._wake_w, b"x")
+        return future
 
     def close(self) -> None:
         if self._closed:
@@ -182,6 +190,11 @@ class ZygoteLink:
                 self._closed = True
                 return
             message = json.loads(data)
+            if message["op"] == "reaped":
+                done = self._reaps.pop(message.get("id"), None)
+                if done is not None:
+                    done.set_result(None)
+                continue
             item = self._execs.get(message.get("id"))
             if item is None:
                 continue
@@ -246,17 +259,24 @@ class ZygoteLink:
         code = os.waitstatus_to_exitcode(raw)
         exit_code, sig = (code, None) if code >= 0 else (None, -code)
         stderr = item.cap.text("stderr")
-        cpu_limited = sig in (signal.SIGXCPU, signal.SIGKILL) and item.exit["cpu"] >= item.cpu_seconds * 0.95
+        # only RLIMIT_CPU sends SIGXCPU; rusage may read under the limit on a loaded machine, so trust it
+        # SIGXCPU comes only from the CPU rlimit; a shell reports its child's SIGXCPU as exit 128 + 24
+        over_cpu = item.exit["cpu"] >= item.cpu_seconds * 0.95
+        cpu_limited = sig == signal.SIGXCPU or (sig == signal.SIGKILL and over_cpu) or (
+            exit_code == 128 + signal.SIGXCPU and over_cpu)
         status, detail = classify(exit_code, sig, stderr, timed_out=item.timed_out, truncated=item.cap.truncated,
                                   cpu_limited=cpu_limited)
         if exit_code in (126, 127) and stderr.startswith("sandbox: could not start"):
             detail = stderr.strip().splitlines()[0]
         result = ExecResult(status=status, exit_code=exit_code, stdout=item.cap.text("stdout"), stderr=stderr,
-                            duration=time.monotonic() - item.started, detail=detail)
+                            duration=time.monotonic() - item.started, detail=detail, signal=sig)
         if not item.future.done():
             item.future.set_result(result)
 
     def _fail_all(self, why: str) -> None:
+        for done in self._reaps.values():
+            done.set_result(None)  # the worker is gone, and everything it started with it
+        self._reaps.clear()
         for item in list(self._execs.values()):
             for fd in list(item.pipes):
                 self._close_pipe(item, fd)

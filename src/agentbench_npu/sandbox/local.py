@@ -55,26 +55,33 @@ class LocalSandboxProvider(SandboxProvider):
         with self._start_lock:
             if self.link is not None:
                 return
-            self.root = Path(tempfile.mkdtemp(prefix="agentbench-sandboxes-"))
-            os.chmod(self.root, 0o711)
-            root_ok = os.geteuid() == 0
-            if self.isolation_wanted == "namespaces" and not root_ok:
-                raise SandboxError("sandbox isolation 'namespaces' needs root here; run as root, or set "
-                                   "sandbox.isolation=rlimits for trusted code")
-            if root_ok and self.isolation_wanted != "rlimits":
-                self._claim_uid_range()
-                self.isolation = "namespaces"
-                self.link = ZygoteLink("namespaces", str(self.root), self.limits.network)
-                probe = self._probe()
-                if not probe.ok:
-                    if self.isolation_wanted == "namespaces":
-                        raise SandboxError(f"namespace isolation does not work here: {probe.detail or probe.stderr}")
-                    self.link.close()
-                    self.link = None
-            if self.link is None:
-                self.isolation = "rlimits"
-                self._free = [-1] * self.slots  # no uids: every slot runs as the current user
-                self.link = ZygoteLink("rlimits", str(self.root), self.limits.network)
+            try:
+                self._start_locked()
+            except BaseException:
+                self._close_sync()
+                raise
+
+    def _start_locked(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="agentbench-sandboxes-"))
+        os.chmod(self.root, 0o711)
+        root_ok = os.geteuid() == 0
+        if self.isolation_wanted == "namespaces" and not root_ok:
+            raise SandboxError("sandbox isolation 'namespaces' needs root here; run as root, or set "
+                               "sandbox.isolation=rlimits for trusted code")
+        if root_ok and self.isolation_wanted != "rlimits":
+            self._claim_uid_range()
+            self.isolation = "namespaces"
+            self.link = ZygoteLink("namespaces", str(self.root), self.limits.network)
+            probe = self._probe()
+            if not probe.ok:
+                if self.isolation_wanted == "namespaces":
+                    raise SandboxError(f"namespace isolation does not work here: {probe.detail or probe.stderr}")
+                self.link.close()
+                self.link = None
+        if self.link is None:
+            self.isolation = "rlimits"
+            self._free = [-1] * self.slots  # no uids: every slot runs as the current user
+            self.link = ZygoteLink("rlimits", str(self.root), self.limits.network)
 
     def _claim_uid_range(self) -> None:
         """Lock a range of `slots` uids no other provider on this machine holds."""
@@ -125,6 +132,20 @@ class LocalSandboxProvider(SandboxProvider):
                 "worker_pid": self.link.pid if self.link else None,
                 "uid_range": [min(uids), max(uids)] if uids else None}
 
+    # -- leak checks (the conformance suite's hooks) --------------------------------------------------
+    def leftover_processes(self, box: LocalSandbox) -> int:
+        """Live (not zombie) processes running as the sandbox's uid: 0 once an exec has ended. In rlimits
+        mode there is no uid of its own to look for, so this says 0."""
+        if box.uid is None:
+            return 0
+        return live_processes({box.uid})
+
+    def leftover_dirs(self) -> int:
+        """Work dirs still under the provider's root: 0 once every sandbox is closed."""
+        if self.root is None or not self.root.is_dir():
+            return 0
+        return sum(1 for p in self.root.iterdir() if p.is_dir())
+
     # -- slots ---------------------------------------------------------------------------------------
     def _take_slot(self) -> int:
         if self.link is None:
@@ -137,7 +158,7 @@ class LocalSandboxProvider(SandboxProvider):
 
     def _give_slot(self, uid: int) -> None:
         with self._lock:
-            self._free.append(uid)
+            self._free.insert(0, uid)  # least recently used first
 
 
 class LocalSandbox(Sandbox):
@@ -168,7 +189,8 @@ class LocalSandbox(Sandbox):
         if self.workdir is None:
             return
         if self.uid is not None and self.provider.link is not None:
-            self.provider.link.reap(self.uid)
+            # wait: the uid goes back to the pool, and a reaper still running would hit its next owner
+            self.provider.link.reap(self.uid).result(timeout=30)
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.workdir = None
         self.provider._give_slot(-1 if self.uid is None else self.uid)
@@ -195,6 +217,8 @@ class LocalSandbox(Sandbox):
             raise SandboxError("exec needs a command")
         where = self.workdir / inside(cwd) if cwd else self.workdir
         limits = self.limits
+        if timeout is not None and not timeout > 0:
+            raise SandboxError(f"exec timeout must be > 0 seconds, got {timeout}")
         wall = min(limits.wall_seconds, timeout) if timeout is not None else limits.wall_seconds
         request = {
             "argv": argv, "workdir": str(self.workdir), "cwd": str(where),
@@ -220,6 +244,12 @@ class LocalSandbox(Sandbox):
         await asyncio.to_thread(self._write_sync, path, as_bytes(data))
 
     def _write_sync(self, path: str, data: bytes) -> None:
+        try:
+            self._write_checked(path, data)
+        except OSError as exc:
+            raise SandboxError(f"cannot write {path!r} in the sandbox: {exc.strerror or exc}") from None
+
+    def _write_checked(self, path: str, data: bytes) -> None:
         target = self._host_path(path)
         assert self.workdir is not None
         made = []
@@ -248,3 +278,20 @@ class LocalSandbox(Sandbox):
             raise SandboxError(f"{path!r} in the sandbox is a directory") from None
         with os.fdopen(fd, "rb") as f:
             return f.read(self.limits.file_mb * 2**20 + 1)[: self.limits.file_mb * 2**20]
+
+
+def live_processes(uids: set[int]) -> int:
+    """How many live (not zombie, not dead) processes in /proc have a real uid in `uids`."""
+    count = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        state = fields.get("State", "X").split()[0]
+        if int(fields.get("Uid", "-1").split()[0]) in uids and state not in ("Z", "X"):
+            count += 1
+    return count

@@ -2,8 +2,10 @@
 
 from ..hookspecs import hookimpl
 from .local import LocalSandboxProvider
+from .modal import ModalSandboxProvider
 
 
 @hookimpl
 def register_sandboxes(register):
     register(LocalSandboxProvider)
+    register(ModalSandboxProvider)

@@ -34,7 +34,7 @@ import types
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x04000000, 0x08000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
-PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG = 36, 1
+PR_SET_CHILD_SUBREAPER = 36  # (no PDEATHSIG: it fires when the starting *thread* ends; EOF on the socket is ours)
 # File systems an unprivileged uid can never write to anyway: remounting them read-only buys nothing and
 # costs a syscall per mount on every exec.
 ROOT_ONLY_FS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "devtmpfs", "securityfs", "debugfs", "tracefs",
@@ -42,7 +42,7 @@ ROOT_ONLY_FS = {"proc", "sysfs", "cgroup", "cgroup2", "devpts", "devtmpfs", "sec
 # Imported once here, so snippets that use them start instantly (and work even where the interpreter's
 # own files are unreadable to the sandbox uid, as with a Python installed under /root).
 PRELOAD = ("math", "cmath", "json", "re", "random", "itertools", "functools", "collections", "fractions", "decimal",
-           "statistics", "string", "datetime", "time", "heapq", "bisect", "operator", "subprocess", "typing",
+           "statistics", "string", "pkgutil", "datetime", "time", "heapq", "bisect", "operator", "subprocess", "typing",
            "dataclasses", "copy", "textwrap", "numbers", "struct", "base64", "hashlib", "io", "pathlib", "tempfile",
            "shutil", "threading", "multiprocessing", "unicodedata", "array", "enum", "contextlib", "abc", "glob")
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -54,9 +54,35 @@ def _check(ret, what):
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _mount(source, target, fstype, flags):
-    _check(_libc.mount(source, target.encode() if target else None, fstype, ctypes.c_ulong(flags), None),
+def _mount(source, target, fstype, flags, data=None):
+    _check(_libc.mount(source, target.encode() if target else None, fstype, ctypes.c_ulong(flags), data),
            f"mount {target}")
+
+
+def _make_reachable(paths):
+    """Let unprivileged uids reach `paths` (the interpreter's own files) inside this mount namespace.
+
+    A Python installed under a private home (pyenv or conda in a mode-0700 /root) is out of reach of the
+    sandbox uids. Over each such closed directory we mount an empty tmpfs and bind back just the needed
+    subtrees, so the sandbox sees the interpreter and nothing else that lived there.
+    """
+    wanted = sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+    wanted = [p for p in wanted if not any(p != q and p.startswith(q + "/") for q in wanted)]
+    closed = {}
+    for path in wanted:
+        parts = path.strip("/").split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:depth])
+            if not os.stat(ancestor).st_mode & 0o001:
+                closed.setdefault(ancestor, []).append(path)
+                break
+    for top, subtrees in closed.items():
+        held = [(sub, os.open(sub, os.O_PATH)) for sub in subtrees]  # still reachable after the tmpfs hides them
+        _mount(b"tmpfs", top, b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755,size=64k")
+        for sub, fd in held:
+            os.makedirs(sub, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}".encode(), sub, None, MS_BIND | MS_REC)
+            os.close(fd)
 
 
 def _mount_points():
@@ -74,7 +100,6 @@ def _mount_points():
 
 def _read_only_except(workdir):
     """Every mount read-only, except a bind mount of `workdir` onto itself."""
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _mount(workdir.encode(), workdir, None, MS_BIND | MS_REC)
     for point, options in _mount_points():
         if point == workdir or point == "/proc" or point.startswith("/proc/"):
@@ -101,6 +126,8 @@ def isolate_worker(config):
         return
     flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS | (0 if config["network"] else CLONE_NEWNET)
     _check(_libc.unshare(flags), "unshare")
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _make_reachable([sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))])
     _read_only_except(config["root"])
 
 
@@ -226,8 +253,8 @@ class Worker:
                 os.close(fd)
             self.running[pid] = req
             self.send({"op": "started", "id": req["id"], "pid": pid})
-        elif op == "reap":  # stop everything under a uid (or a process group) now
-            self.reap(req.get("uid"), req.get("pgid"), None)
+        elif op == "reap":  # stop everything under a uid (or a process group) now; say when it is done
+            self.reap(req.get("uid"), req.get("pgid"), {"op": "reaped", "id": req.get("id")})
         elif op == "ping":
             self.send({"op": "pong", "id": req.get("id")})
 
@@ -363,7 +390,6 @@ def main():
     sock = socket.socket(fileno=fd)
     isolate_worker(json.loads(sys.argv[2]))
     _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the runner
     try:
         Worker(sock).serve()
     except OSError as exc:

@@ -29,18 +29,33 @@ def warm_start_dir(base: Path, scenario: str, options: Mapping[str, Any], settin
     return cache_root() / "warm-start" / f"{scenario}-{key}"
 
 
-def encode_demonstrations(tokenizer: Any, demos: list[tuple[list[dict], str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids ending with end-of-turn) for each demonstration."""
+Demonstration = tuple[list[dict], "str | list[tuple[str, bool]]"]
+
+
+def encode_demonstrations(tokenizer: Any, demos: list[Demonstration]) -> list[tuple[list[int], list[int], list[bool]]]:
+    """(prompt ids, response ids ending with end-of-turn, which response ids are trained) per demonstration.
+
+    A response is a string (all of it trained) or a list of (text, trained) segments: a multi-turn agent's
+    tool observations are segments with trained=False, encoded on their own exactly as the agent loop
+    appends them, so warm start and rollout see the same token boundaries.
+    """
     eos = tokenizer.eos_token_id
     out = []
     for messages, response in demos:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt = tokenizer.encode(text, add_special_tokens=False)
-        out.append((prompt, tokenizer.encode(response, add_special_tokens=False) + [eos]))
+        segments = [(response, True)] if isinstance(response, str) else list(response)
+        ids: list[int] = []
+        trained: list[bool] = []
+        for segment, train in segments:
+            piece = tokenizer.encode(segment, add_special_tokens=False)
+            ids += piece
+            trained += [bool(train)] * len(piece)
+        out.append((prompt, ids + [eos], trained + [True]))
     return out
 
 
-def supervised_finetune(model: torch.nn.Module, examples: list[tuple[list[int], list[int]]], *, steps: int,
+def supervised_finetune(model: torch.nn.Module, examples: list[tuple[list[int], list[int], list[bool]]], *, steps: int,
                         batch_size: int, lr: float, seed: int, pad_id: int,
                         progress: Callable[[int, float], None] | None = None) -> float:
     """Cross-entropy on response tokens only; returns the mean loss of the last 20 steps."""
@@ -51,14 +66,14 @@ def supervised_finetune(model: torch.nn.Module, examples: list[tuple[list[int], 
     recent: list[float] = []
     for step in range(steps):
         rows = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        width = max(len(p) + len(r) for p, r in rows)
+        width = max(len(p) + len(r) for p, r, _ in rows)
         ids = torch.full((batch_size, width), pad_id, dtype=torch.long)
         labels = torch.full((batch_size, width), -100, dtype=torch.long)
         attn = torch.zeros((batch_size, width), dtype=torch.long)
-        for i, (p, r) in enumerate(rows):
+        for i, (p, r, trained) in enumerate(rows):
             seq = p + r
             ids[i, :len(seq)] = torch.tensor(seq)
-            labels[i, len(p):len(seq)] = torch.tensor(r)
+            labels[i, len(p):len(seq)] = torch.tensor([t if keep else -100 for t, keep in zip(r, trained)])
             attn[i, :len(seq)] = 1
         out = model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device), use_cache=False)
         optimizer.zero_grad(set_to_none=True)
