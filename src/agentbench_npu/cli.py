@@ -273,6 +273,15 @@ def serve(ctx: click.Context, model: str, device: str, dtype: str, host: str, po
     serve_http(engine, host=host, port=port)
 
 
+def _add_builtin_groups() -> None:
+    from .sandbox.commands import sandbox
+
+    cli.add_command(sandbox)
+
+
+_add_builtin_groups()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors and exit 2 for anything the user can fix."""
     try:

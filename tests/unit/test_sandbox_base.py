@@ -60,13 +60,22 @@ def test_once_the_budget_is_spent_nothing_more_is_kept():
     assert len(cap.stdout) + len(cap.stderr) == 2
 
 
-def test_text_decodes_utf8_and_replaces_what_a_cut_left_broken():
+def test_text_drops_a_character_the_cut_split_and_never_exceeds_the_limit():
     cap = OutputCap(limit=3)
     cap.feed("stdout", "aé€".encode())  # "a" + 2 bytes of é fit; € is cut
     assert cap.text("stdout") == "aé"
     cap = OutputCap(limit=2)
-    cap.feed("stdout", "€".encode())  # half a character
-    assert cap.text("stdout") == "\ufffd"
+    cap.feed("stdout", "€".encode())  # the cut leaves 2 of its 3 bytes: nothing whole to show
+    assert cap.text("stdout") == ""
+    cap = OutputCap(limit=11)
+    cap.feed("stdout", ("é" * 10).encode())
+    assert len(cap.text("stdout").encode()) <= 11
+
+
+def test_text_of_uncut_output_replaces_invalid_bytes():
+    cap = OutputCap(limit=100)
+    cap.feed("stdout", b"ok \xff")
+    assert cap.text("stdout") == "ok \ufffd"
 
 
 # -- classify() -------------------------------------------------------------------------------------

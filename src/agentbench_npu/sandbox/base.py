@@ -17,6 +17,7 @@ An `exec` never raises for what the code did (crash, timeout, memory, flood of o
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import posixpath
 from abc import ABC, abstractmethod
@@ -189,7 +190,10 @@ class OutputCap:
         return True
 
     def text(self, stream: str) -> str:
-        return bytes(self.stdout if stream == "stdout" else self.stderr).decode("utf-8", errors="replace")
+        data = bytes(self.stdout if stream == "stdout" else self.stderr)
+        if self.truncated:  # a cut may split a character: drop its first bytes rather than add U+FFFD
+            return codecs.getincrementaldecoder("utf-8")("replace").decode(data, final=False)
+        return data.decode("utf-8", errors="replace")
 
 
 def classify(exit_code: int | None, signal_number: int | None, stderr: str, *, timed_out: bool, truncated: bool,
