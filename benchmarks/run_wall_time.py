@@ -1,12 +1,12 @@
-"""Cold and warm wall time of `agentbench-npu run base` (the README's main job), in fresh processes.
+"""Cold and warm wall time of `agentbench-npu run SCENARIO` (retool is the README's main job), in fresh processes.
 
 cold: an empty model cache, so the tiny model is built and warm-started first.
 warm: the same cache again, as a user's second run.
 Each with the four gates (the default; reproducibility and continuity each start a second process) and
-without them (`--gates none`: the loop alone). Prints all four, and each against its target
-(cold <= 60 s, warm <= 20 s on 2 cores).
+without them (`--gates none`: the loop alone). Prints all four, and each against its target on 2 cores
+(base: cold <= 60 s, warm <= 20 s; retool: cold <= 60 s, warm <= 40 s).
 
-    python benchmarks/run_wall_time.py [--scenario base] [--steps 10]
+    python benchmarks/run_wall_time.py [--scenario retool] [--steps 10]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-TARGETS = {"cold": 60.0, "warm": 20.0}
+TARGETS = {"base": {"cold": 60.0, "warm": 20.0}, "retool": {"cold": 60.0, "warm": 40.0}}
 
 
 def timed_run(scenario: str, steps: int, cache: str, out: str, gates: str) -> float:
@@ -34,7 +34,7 @@ def timed_run(scenario: str, steps: int, cache: str, out: str, gates: str) -> fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="base")
+    parser.add_argument("--scenario", default="retool")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     results = {}
@@ -43,10 +43,11 @@ def main() -> None:
             cache = os.path.join(tmp, "cache")
             for name in ("cold", "warm"):
                 results[(name, gates)] = timed_run(args.scenario, args.steps, cache, os.path.join(tmp, name), gates)
+    targets = TARGETS.get(args.scenario, TARGETS["base"])
     print(f"run {args.scenario}, {args.steps} steps, {os.cpu_count()} cores")
     for (name, gates), seconds in results.items():
         label = f"{name}, gates {gates}"
-        print(f"{label:18s} {seconds:6.1f} s   {seconds / TARGETS[name]:.2f} of the {TARGETS[name]:.0f} s target")
+        print(f"{label:18s} {seconds:6.1f} s   {seconds / targets[name]:.2f} of the {targets[name]:.0f} s target")
     for gates in ("none", "all"):
         print(f"cold / warm (gates {gates}): {results[('cold', gates)] / results[('warm', gates)]:.2f}x")
 

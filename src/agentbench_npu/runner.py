@@ -85,6 +85,10 @@ class Runner:
         self.run.device = self.device
         if c.data.path:
             self._dataset = load_jsonl_tasks(c.data.path)
+        else:
+            # the scenario's own task source (a file named in [task], say) is input too: a bad one fails here,
+            # not at the first step (tasks() is deterministic and cheap by contract)
+            self.scenario.tasks(c.task, c.run.seed, 0, 1)
         self.checkpoint: Checkpoint | None = load_checkpoint(self.resume_path) if self.resume_path else None
         if self.checkpoint is not None:
             start = self.checkpoint.step
