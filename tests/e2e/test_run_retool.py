@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from agentbench_npu.errors import one_line
+from agentbench_npu.sandbox.local import live_processes
 
 pytestmark = pytest.mark.slow
 
@@ -51,20 +52,6 @@ def roots_of_live_workers() -> set[str]:
     return live
 
 
-def live_pids_with_uid_in(low: int, high: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{name}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uid, state = int(fields["Uid"].split()[0]), fields["State"].split()[0]
-        if low <= uid <= high and state not in ("Z", "X"):
-            found.append(int(name))
-    return found
 
 
 # -- a) the default run: the acceptance test --------------------------------------------------------
@@ -149,7 +136,7 @@ def test_no_sandbox_process_outlives_the_run(default_run):
                                 "processes from leftovers")
                 time.sleep(1)
         try:
-            assert live_pids_with_uid_in(low, high) == []
+            assert live_processes(set(range(low, high + 1))) == 0
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

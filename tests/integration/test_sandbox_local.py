@@ -18,7 +18,7 @@ import pytest
 
 from agentbench_npu.sandbox.base import ExecResult, SandboxError, SandboxLimits, SandboxProvider
 from agentbench_npu.sandbox.conformance import CHECKS, CONTRACT_CHECKS, CheckResult, run_checks
-from agentbench_npu.sandbox.local import LocalSandbox, LocalSandboxProvider
+from agentbench_npu.sandbox.local import LocalSandbox, LocalSandboxProvider, live_processes
 
 LIMITS = SandboxLimits(wall_seconds=3, cpu_seconds=2, memory_mb=256, output_bytes=65536, processes=32)
 # uid ranges away from the default (61000), so that a run of the real runner on this machine and these
@@ -26,21 +26,6 @@ LIMITS = SandboxLimits(wall_seconds=3, cpu_seconds=2, memory_mb=256, output_byte
 MODULE_UID_BASE, CLOSE_UID_BASE = 63000, 63800
 
 
-def live_processes_with_uid_in(low: int, high: int) -> list[int]:
-    """Pids of live (not zombie) processes whose real uid is in [low, high], read from /proc here."""
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{name}/status").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uid, state = int(fields["Uid"].split()[0]), fields["State"].split()[0]
-        if low <= uid <= high and state not in ("Z", "X"):
-            found.append(int(name))
-    return found
 
 
 def sandbox_roots() -> set[str]:
@@ -64,7 +49,7 @@ def provider():
     # short-lived reaper of that uid may still be running right after a check (see the report on local.py)
     assert root is not None and not root.exists()
     if uids is not None:
-        assert live_processes_with_uid_in(*uids) == []
+        assert live_processes(set(range(uids[0], uids[1] + 1))) == 0
 
 
 # -- the suite against the local backend ----------------------------------------------------------
@@ -107,7 +92,7 @@ def test_closing_the_provider_mid_exec_fails_the_exec_and_leaves_no_process_and_
     assert not root.exists()
     assert root.name not in sandbox_roots()
     if uids is not None:
-        assert live_processes_with_uid_in(*uids) == []
+        assert live_processes(set(range(uids[0], uids[1] + 1))) == 0
 
 
 # -- without root's isolation -----------------------------------------------------------------------

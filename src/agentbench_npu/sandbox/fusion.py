@@ -34,19 +34,16 @@ import binascii
 import contextlib
 import logging
 import re
-import socket
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import fastapi
-import httpx
 import uvicorn
 from pydantic import BaseModel, Field
 
 from ..errors import one_line
+from ..http_thread import AppThread
 from .base import ExecResult, SandboxError, SandboxProvider
 
 log = logging.getLogger(__name__)
@@ -179,66 +176,13 @@ def serve_fusion(provider: SandboxProvider, host: str = "127.0.0.1", port: int =
     uvicorn.run(build_app(provider), host=host, port=port, log_level=log_level)
 
 
-class FusionServerThread:
+class FusionServerThread(AppThread):
     """`build_app(provider)` on a background thread, for tests and benchmarks; `port=0` picks a free port,
-    entering returns once `/health` answers, `.url` is the base URL.
-
-    The same pattern as engines.server.ServerThread, which cannot be reused as it stands: it builds the
-    engine app itself, and importing its module imports torch (seconds) into a sandbox server."""
+    entering returns once `/health` answers, `.url` is the base URL."""
 
     def __init__(self, provider: SandboxProvider, host: str = "127.0.0.1", port: int = 0, *,
                  log_level: str = "warning", startup_timeout: float = 60.0, stop_timeout: float = 30.0,
                  **app_options: Any):
-        self.provider, self.host, self.port, self.log_level = provider, host, port, log_level
-        self.startup_timeout, self.stop_timeout, self.app_options = startup_timeout, stop_timeout, app_options
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def __enter__(self) -> FusionServerThread:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((self.host, self.port))
-        self.port = self._socket.getsockname()[1]
-        app = build_app(self.provider, **self.app_options)
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level=self.log_level))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
-                                        name=f"fusion-server:{self.port}", daemon=True)
-        self._thread.start()
-        try:
-            self._wait_until_healthy()
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def _wait_until_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        assert self._thread is not None
-        while time.monotonic() < deadline:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"sandbox server on {self.url} exited during startup; see its log above")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            self._thread.join(timeout=0.02)
-        raise TimeoutError(f"sandbox server on {self.url} did not answer /health within {self.startup_timeout} s")
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.should_exit = True
-            self._thread.join(timeout=self.stop_timeout)
-            if self._thread.is_alive():
-                self._server.force_exit = True
-                self._thread.join(timeout=self.stop_timeout)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
+        super().__init__(lambda: build_app(provider, **app_options), "sandbox server", host, port,
+                         log_level=log_level, startup_timeout=startup_timeout, stop_timeout=stop_timeout)
+        self.provider = provider
