@@ -334,7 +334,9 @@ class Runner:
             return GateContext(config=self.config, report=self._report_dict("running"), thresholds=self.thresholds,
                                run_dir=self.run.out_dir, rerun=subprocess_rerun(self.config.scenario, self.recipe_path))
 
-        return evaluate_gates(self.gates, context, on_gate=lambda name: self.progress.phase(f"gate {name}", None))
+        # second runs of a local executor overlap well; Ray ones would each start a cluster of their own
+        return evaluate_gates(self.gates, context, on_gate=lambda name: self.progress.phase(f"gates {name}", None),
+                              parallel=self.config.cluster.executor == "local")
 
     def _write_report(self, status: str, error: str | None = None) -> dict[str, Any]:
         report = self._report_dict(status, error)

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -116,15 +117,31 @@ class GateRunError(RuntimeError):
 
 
 def evaluate_gates(gates: Sequence[Any], ctx_for: Callable[[Any], GateContext],
-                   on_gate: Callable[[str], None] | None = None) -> list[GateResult]:
+                   on_gate: Callable[[str], None] | None = None, parallel: bool = False) -> list[GateResult]:
+    """Every gate's verdict, in the gates' order.
+
+    With `parallel`, gates are evaluated at once on threads: the ones that start a second run
+    (reproducibility, continuity) spend their time waiting on that process, so their start-ups overlap.
+    Each second run is deterministic on its own (pinned threads, lockstep batching), so running two side
+    by side changes their speed, never their results.
+    """
+    def one(gate: Any, ctx: GateContext) -> GateResult:
+        try:
+            return gate.evaluate(ctx)
+        except GateRunError as exc:
+            return GateResult(gate.name, False, None, None, f"could not evaluate: {exc}")
+
+    if parallel and len(gates) > 1:
+        if on_gate is not None:
+            on_gate(", ".join(gate.name for gate in gates))
+        contexts = [ctx_for(gate) for gate in gates]
+        with ThreadPoolExecutor(max_workers=len(gates), thread_name_prefix="gate") as pool:
+            return list(pool.map(one, gates, contexts))
     results = []
     for gate in gates:
         if on_gate is not None:
             on_gate(gate.name)
-        try:
-            results.append(gate.evaluate(ctx_for(gate)))
-        except GateRunError as exc:
-            results.append(GateResult(gate.name, False, None, None, f"could not evaluate: {exc}"))
+        results.append(one(gate, ctx_for(gate)))
     return results
 
 
