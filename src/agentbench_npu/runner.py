@@ -212,12 +212,14 @@ class Runner:
         return report
 
     def _shutdown(self) -> None:
-        if getattr(self, "sandboxes", None) is not None:
-            sandboxes, self.sandboxes = self.sandboxes, None
-            asyncio.run(sandboxes.close())
-        if self.run.cluster is not None:
-            self.run.cluster.shutdown()
-            self.run.cluster = None
+        try:
+            if getattr(self, "sandboxes", None) is not None:
+                sandboxes, self.sandboxes = self.sandboxes, None
+                asyncio.run(sandboxes.close())
+        finally:  # a sandbox backend that fails to close must not keep the devices (or Ray) held
+            if self.run.cluster is not None:
+                self.run.cluster.shutdown()
+                self.run.cluster = None
 
     def _tasks(self, count: int) -> list[Task]:
         c = self.config
