@@ -3,8 +3,9 @@
 Each sandbox gets its own work dir and its own unprivileged uid (a "slot") for its lifetime. Every exec is
 forked from a warm worker (zygote.py) and, run as root, isolated by namespaces, a read-only file system
 except the work dir, no network, rlimits and the slot uid; everything the code leaves running is killed
-when the exec ends. Without root the same code runs with rlimits and a process group only, and
-`describe()` says so (`isolation: rlimits`): fine for trusted code on a laptop, not for hostile code.
+when the exec ends. Without namespaces (not root, or a kernel that refuses them) the same code runs with
+rlimits and, as root still, the slot uid; without root, a process group only. `describe()` says so
+(`isolation: rlimits`): fine for trusted code on a laptop, not for hostile code.
 
 Slot uids come from a range (`uid_base`, `slots`) locked for the life of the provider, so two runs on
 one machine never share a uid and never kill each other's processes.
@@ -68,8 +69,11 @@ class LocalSandboxProvider(SandboxProvider):
         if self.isolation_wanted == "namespaces" and not root_ok:
             raise SandboxError("sandbox isolation 'namespaces' needs root here; run as root, or set "
                                "sandbox.isolation=rlimits for trusted code")
-        if root_ok and self.isolation_wanted != "rlimits":
+        if root_ok:
+            # as root, code never runs as root: even without namespaces each sandbox has its own uid, so a
+            # stray kill(-1) or a write to a root-owned file stays harmless
             self._claim_uid_range()
+        if root_ok and self.isolation_wanted != "rlimits":
             self.isolation = "namespaces"
             self.link = ZygoteLink("namespaces", str(self.root), self.limits.network)
             probe = self._probe()
@@ -80,7 +84,8 @@ class LocalSandboxProvider(SandboxProvider):
                 self.link = None
         if self.link is None:
             self.isolation = "rlimits"
-            self._free = [-1] * self.slots  # no uids: every slot runs as the current user
+            if not root_ok:
+                self._free = [-1] * self.slots  # no uids to hand out: every slot runs as the current user
             self.link = ZygoteLink("rlimits", str(self.root), self.limits.network)
 
     def _claim_uid_range(self) -> None:
