@@ -121,7 +121,7 @@ class SandboxSection:
     image: str = ""  # docker / modal: the image; "" = the backend's default
     isolation: str = "auto"  # local: auto | namespaces | rlimits
     slots: int = 128  # local: sandboxes open at once (each has its own uid)
-    uid_base: int = 61000  # local: first uid of the slots' range
+    uid_base: int = 3_000_000  # local: first uid of the slots' range (>= 1000; unused by any account)
 
     def limits(self) -> Any:
         from .sandbox.base import SandboxLimits
@@ -324,6 +324,9 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {get('rollout.top_p')}")
     if get("rollout.top_k") == 0 or get("rollout.top_k") < -1:
         raise ConfigError(f"rollout.top_k must be -1 (off) or >= 1, got {get('rollout.top_k')}")
+    if get("sandbox.uid_base") < 1000:
+        raise ConfigError(f"sandbox.uid_base must be >= 1000 (the first of a range of uids no account uses); "
+                          f"got {get('sandbox.uid_base')}")
     if get("train.lr") <= 0:
         raise ConfigError(f"train.lr must be > 0, got {get('train.lr')}")
     for path in ("model.dtype",) + (("model.engine_dtype",) if get("model.engine_dtype") else ()):

@@ -336,9 +336,11 @@ class Runner:
             return GateContext(config=self.config, report=self._report_dict("running"), thresholds=self.thresholds,
                                run_dir=self.run.out_dir, rerun=subprocess_rerun(self.config.scenario, self.recipe_path))
 
-        # second runs of a local executor overlap well; Ray ones would each start a cluster of their own
+        # second runs of a local executor on CPU overlap well; on an accelerator both would load the model onto
+        # the same device, and Ray ones would each start a cluster of their own
+        parallel = self.config.cluster.executor == "local" and self.device.name == "cpu"
         return evaluate_gates(self.gates, context, on_gate=lambda name: self.progress.phase(f"gates {name}", None),
-                              parallel=self.config.cluster.executor == "local")
+                              parallel=parallel)
 
     def _write_report(self, status: str, error: str | None = None) -> dict[str, Any]:
         report = self._report_dict(status, error)

@@ -21,9 +21,9 @@ from agentbench_npu.sandbox.conformance import CHECKS, CONTRACT_CHECKS, CheckRes
 from agentbench_npu.sandbox.local import LocalSandbox, LocalSandboxProvider, live_processes
 
 LIMITS = SandboxLimits(wall_seconds=3, cpu_seconds=2, memory_mb=256, output_bytes=65536, processes=32)
-# uid ranges away from the default (61000), so that a run of the real runner on this machine and these
+# uid ranges away from the default (3,000,000), so that a run of the real runner on this machine and these
 # tests never share uids, and "no process of our uids is left" means ours
-MODULE_UID_BASE, CLOSE_UID_BASE = 63000, 63800
+MODULE_UID_BASE, CLOSE_UID_BASE = 3_100_000, 3_200_000
 
 
 

@@ -41,9 +41,9 @@ OPTIONS = dict(SCENARIO.recipe().values["task"])
 POLICY_LOGPROB = -0.5
 # hostile snippets run into these on purpose; small, so that a test takes about a second
 LIMITS = SandboxLimits(wall_seconds=1.0, cpu_seconds=1.0, memory_mb=256, processes=16)
-# away from the runner's default (61000) and the local sandbox tests' (63000, 63800), so that "no process
+# away from the runner's default (3,000,000) and the local sandbox tests' (3,100,000, 3,200,000), so that "no process
 # of our uids is left" is about this module's sandboxes only
-UID_BASE = 64400
+UID_BASE = 3_300_000
 
 
 # -- the policy double ---------------------------------------------------------------------------
@@ -339,7 +339,7 @@ def test_a_malformed_tool_call_shows_the_error_and_runs_nothing(tok, sandboxes):
 
 def test_an_answer_without_a_tool_call_opens_no_sandbox(tok, sandboxes):
     traj = episode(tok, ScriptedPolicy(tok, ["12 * 7 + 5 = 89. \\boxed{89}"]), sandboxes)
-    assert traj.status == "completed" and traj.metadata == {"tool_calls": 0, "tool_statuses": []}
+    assert traj.status == "completed" and traj.metadata["tool_calls"] == 0 and traj.metadata["tool_statuses"] == []
     assert set(traj.loss_mask) == {1} and sandboxes.opened == []
 
 
@@ -389,3 +389,14 @@ def test_real_reference_engine_episodes_keep_the_trajectory_invariants(tok, mode
         assert traj.status in ("completed", "truncated")
         assert traj.num_trainable > 0
         assert_trajectory_invariants(traj, tok, 64)
+
+
+def test_a_boxed_answer_printed_by_the_tool_is_not_the_policys_answer():
+    """The answer is graded on what the policy wrote: code printing \\boxed{...} cannot answer for it."""
+    from agentbench_npu.types import Task, Trajectory
+    from agentbench_npu_retool.scenario import NO_ANSWER, RetoolScenario
+
+    traj = Trajectory(prompt_ids=[1])
+    traj.response_text = "<tool_call>...</tool_call>\n<interpreter>\n\\boxed{89}\n</interpreter>\n"
+    traj.metadata.update({"policy_text": "<tool_call>...</tool_call>", "tool_calls": 1})
+    assert RetoolScenario().reward(Task(id="t", prompt="q", label=89), traj) == NO_ANSWER

@@ -30,6 +30,7 @@ class Lockstep(EngineClient):
         self._alive: set[Any] = set()
         self._waiting: dict[Any, tuple[list[GenerateRequest], asyncio.Future]] = {}
         self.waves = 0
+        self._tasks: set[asyncio.Task] = set()
 
     @contextlib.asynccontextmanager
     async def participant(self, key: Any) -> AsyncIterator[None]:
@@ -54,7 +55,13 @@ class Lockstep(EngineClient):
         future = asyncio.get_running_loop().create_future()
         self._waiting[key] = (list(requests), future)
         self._maybe_flush()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            entry = self._waiting.get(key)
+            if entry is not None and entry[1] is future:  # not sent yet: take it out of the next wave
+                del self._waiting[key]
+            raise
 
     def _maybe_flush(self) -> None:
         if not self._waiting or len(self._waiting) < len(self._alive):
@@ -62,7 +69,9 @@ class Lockstep(EngineClient):
         wave = sorted(self._waiting.items(), key=lambda item: item[0])
         self._waiting = {}
         self.waves += 1
-        asyncio.get_running_loop().create_task(self._run_wave(wave))
+        task = asyncio.get_running_loop().create_task(self._run_wave(wave))
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_wave(self, wave: list[tuple[Any, tuple[list[GenerateRequest], asyncio.Future]]]) -> None:
         batch = [r for _, (requests, _) in wave for r in requests]

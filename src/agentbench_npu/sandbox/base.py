@@ -35,7 +35,8 @@ class SandboxError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """What one `exec` may use. Every backend enforces every field (the conformance suite checks)."""
+    """What one `exec` may use. Backends enforce what their isolation allows and say what in `describe()`:
+    the local backend without root has no per-uid process limit and no network namespace, for one."""
 
     wall_seconds: float = 10.0  # from start to finish, sleeping included
     cpu_seconds: float = 10.0  # CPU time of the process

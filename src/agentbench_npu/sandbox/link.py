@@ -141,7 +141,8 @@ class ZygoteLink:
                         self._on_output(key.fd, key.data)
                 self._enforce_deadlines()
         except BaseException as exc:  # anything unexpected here must not leave callers waiting forever
-            self._fail_all(f"the local sandbox worker link failed: {exc}")
+            self._broken = f"the local sandbox worker link failed: {exc}"
+            self._fail_all(self._broken)
 
     def _submit_queued(self) -> None:
         while True:
@@ -152,17 +153,22 @@ class ZygoteLink:
             if isinstance(item, dict):
                 self._send(item)
                 continue
-            stdin_fd = os.memfd_create("sandbox-stdin")
-            os.write(stdin_fd, item.stdin)
-            os.lseek(stdin_fd, 0, os.SEEK_SET)
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
+            made: list[int] = []
             try:
+                stdin_fd = os.memfd_create("sandbox-stdin")
+                made.append(stdin_fd)
+                os.write(stdin_fd, item.stdin)
+                os.lseek(stdin_fd, 0, os.SEEK_SET)
+                out_r, out_w = os.pipe()
+                made += [out_r, out_w]
+                err_r, err_w = os.pipe()
+                made += [err_r, err_w]
                 socket.send_fds(self.sock, [json.dumps(item.request).encode()], [stdin_fd, out_w, err_w])
-            except OSError as exc:
-                for fd in (stdin_fd, out_w, err_w, out_r, err_r):
+            except OSError as exc:  # out of fds, or the worker is gone: this exec fails, the link lives on
+                for fd in made:
                     os.close(fd)
-                item.future.set_exception(SandboxError(f"the local sandbox worker is gone: {exc}"))
+                if not item.future.done():
+                    item.future.set_exception(SandboxError(f"could not start the exec: {exc}"))
                 continue
             for fd in (stdin_fd, out_w, err_w):
                 os.close(fd)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import pwd
 import shutil
 import tempfile
 import threading
@@ -26,6 +27,9 @@ from .base import ExecResult, Sandbox, SandboxError, SandboxLimits, SandboxProvi
 from .link import ZygoteLink
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Far above login accounts, systemd's dynamic users (61184-65519) and the usual subuid ranges.
+DEFAULT_UID_BASE = 3_000_000
+LOCK_DIR = Path("/run/agentbench-npu/sandbox-uids")
 
 
 class LocalSandboxProvider(SandboxProvider):
@@ -38,14 +42,17 @@ class LocalSandboxProvider(SandboxProvider):
         if self.isolation_wanted not in ("auto", "namespaces", "rlimits"):
             raise SandboxError(f"sandbox option isolation must be auto, namespaces or rlimits; "
                                f"got '{self.isolation_wanted}'")
-        self.uid_base = int(self.options.get("uid_base", 61000))
+        self.uid_base = int(self.options.get("uid_base", DEFAULT_UID_BASE))
         self.slots = int(self.options.get("slots", 128))
+        if self.uid_base < 1000 or self.uid_base + 16 * self.slots >= 2**31:
+            raise SandboxError(f"sandbox option uid_base must be at least 1000 and leave room for 16 x slots "
+                               f"uids below 2**31 (a range no account uses); got {self.uid_base}")
         self.isolation = ""
         self.link: ZygoteLink | None = None
         self.root: Path | None = None
         self._free: list[int] = []
         self._lock = threading.Lock()
-        self._lock_file: Any = None
+        self._lock_fds: list[int] = []
         self._start_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -89,18 +96,31 @@ class LocalSandboxProvider(SandboxProvider):
             self.link = ZygoteLink("rlimits", str(self.root), self.limits.network)
 
     def _claim_uid_range(self) -> None:
-        """Lock a range of `slots` uids no other provider on this machine holds."""
+        """Lock `slots` uids that no account, no live process and no other provider on this machine uses.
+
+        One lock file per uid, in a directory only root can write: providers with different slot counts
+        or temp dirs still never overlap, and so never kill each other's processes."""
+        LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         for attempt in range(16):
             base = self.uid_base + attempt * self.slots
-            handle = open(Path(tempfile.gettempdir()) / f"agentbench-npu-sandbox-uids-{base}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+            uids = range(base, base + self.slots)
+            if any(_has_account(u) for u in uids) or live_processes(set(uids)):
                 continue
-            self._lock_file = handle
-            self._free = list(range(base + self.slots - 1, base - 1, -1))
-            return
+            held: list[int] = []
+            for uid in uids:
+                fd = os.open(LOCK_DIR / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    break
+                held.append(fd)
+            if len(held) == self.slots:
+                self._lock_fds = held
+                self._free = list(range(base + self.slots - 1, base - 1, -1))
+                return
+            for fd in held:
+                os.close(fd)
         raise SandboxError(f"no free range of {self.slots} sandbox uids from {self.uid_base}; "
                            "close other runs or set sandbox.uid_base")
 
@@ -124,9 +144,9 @@ class LocalSandboxProvider(SandboxProvider):
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = []
 
     def sandbox(self) -> LocalSandbox:
         return LocalSandbox(self)
@@ -283,6 +303,14 @@ class LocalSandbox(Sandbox):
             raise SandboxError(f"{path!r} in the sandbox is a directory") from None
         with os.fdopen(fd, "rb") as f:
             return f.read(self.limits.file_mb * 2**20 + 1)[: self.limits.file_mb * 2**20]
+
+
+def _has_account(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
 
 
 def live_processes(uids: set[int]) -> int:

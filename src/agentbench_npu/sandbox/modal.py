@@ -80,7 +80,7 @@ exit "$rc"
 """
 # $1 pid file: stop the recorded process group (or the process, without setsid) and its children.
 KILLER = r"""p=$(cat "$1" 2>/dev/null) || exit 0
-[ -n "$p" ] || exit 0
+case $p in ''|*[!0-9]*|0|1) exit 0;; esac
 tree() { kill -STOP "$1" 2>/dev/null; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree "$c"; done; kill -KILL "$1" 2>/dev/null; }
 kill -KILL -"$p" 2>/dev/null; tree "$p"; exit 0
 """

@@ -34,6 +34,7 @@ import types
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x04000000, 0x08000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
     1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
+MIN_UID = 1000  # sandbox uids below this would be root or a system account: refused
 PR_SET_CHILD_SUBREAPER = 36  # (no PDEATHSIG: it fires when the starting *thread* ends; EOF on the socket is ours)
 # File systems an unprivileged uid can never write to anyway: remounting them read-only buys nothing and
 # costs a syscall per mount on every exec.
@@ -108,11 +109,7 @@ def _read_only_except(workdir):
         for name, bit in (("nosuid", MS_NOSUID), ("nodev", MS_NODEV), ("noexec", MS_NOEXEC)):
             if name in options:
                 flags |= bit
-        try:
-            _mount(None, point, None, flags)
-        except OSError:
-            if point == "/":
-                raise  # the root must be read-only; lesser mounts (sysfs in some containers) may refuse
+        _mount(None, point, None, flags)  # a mount left writable would be a hole: fail, and auto falls back
 
 
 def isolate_worker(config):
@@ -146,6 +143,8 @@ def _isolate(req):
         os.setgroups([])
         os.setgid(req["gid"])
         os.setuid(req["uid"])
+        if req["uid"] < MIN_UID or os.getuid() != req["uid"] or os.geteuid() != req["uid"]:
+            raise PermissionError(f"refusing to run sandboxed code as uid {os.getuid()}")
 
 
 def _run_python(argv):
@@ -215,7 +214,10 @@ class Worker:
     def __init__(self, sock):
         self.sock = sock
         self.running = {}  # pid -> request (a run's child)
-        self.reapers = {}  # reaper pid -> (request or None, raw status, cpu seconds)
+        self.reapers = {}  # reaper pid -> the uid it clears
+        self.reaping = {}  # uid -> its reaper's pid
+        self.waiting = {}  # uid -> messages to send once nothing of that uid is left
+        self.again = set()  # uids to clear once more when their reaper ends
 
     def send(self, message):
         self.sock.send(json.dumps(message).encode())
@@ -254,20 +256,33 @@ class Worker:
             self.running[pid] = req
             self.send({"op": "started", "id": req["id"], "pid": pid})
         elif op == "reap":  # stop everything under a uid (or a process group) now; say when it is done
-            self.reap(req.get("uid"), req.get("pgid"), {"op": "reaped", "id": req.get("id")})
+            pgid = req.get("pgid")
+            if pgid is not None and pgid not in self.running:
+                pgid = None  # already reaped: its pid may belong to someone else by now
+            self.reap(req.get("uid"), pgid, {"op": "reaped", "id": req.get("id")})
         elif op == "ping":
             self.send({"op": "pong", "id": req.get("id")})
 
     def reap(self, uid, pgid, finished):
-        """Kill every process of `uid` (from a child that takes that uid), or the group `pgid`."""
+        """Kill every process of `uid` (from a child that takes that uid), or the group `pgid`; send
+        `finished` once that is done. One reaper per uid at a time: two would kill each other."""
         if uid is None:
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            if pgid is not None:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             if finished is not None:
                 self.send(finished)
             return
+        if finished is not None:
+            self.waiting.setdefault(uid, []).append(finished)
+        if uid in self.reaping:
+            self.again.add(uid)  # the running reaper may have missed what this request is about
+            return
+        self._fork_reaper(uid)
+
+    def _fork_reaper(self, uid):
         pid = os.fork()
         if pid == 0:
             try:
@@ -275,6 +290,8 @@ class Worker:
                 os.setgroups([])
                 os.setgid(uid)
                 os.setuid(uid)
+                if uid < MIN_UID or os.getuid() != uid or os.geteuid() != uid:
+                    os._exit(1)  # kill(-1) as root or a system uid would hit the host
                 for _ in range(10_000):  # a fork bomb refills while we kill; it runs dry at RLIMIT_NPROC
                     try:
                         os.kill(-1, signal.SIGKILL)
@@ -284,7 +301,8 @@ class Worker:
                         break
             finally:
                 os._exit(0)
-        self.reapers[pid] = finished
+        self.reaping[uid] = pid
+        self.reapers[pid] = uid
 
     def collect_children(self):
         while True:
@@ -298,16 +316,21 @@ class Worker:
                 req = self.running.pop(pid)
                 finished = {"op": "exited", "id": req["id"], "status": status,
                             "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss}
-                if req.get("uid") is not None and not self.strays(req["uid"]):
+                uid = req.get("uid")
+                if uid is not None and uid not in self.reaping and not self.strays(uid):
                     self.send(finished)  # the common case: nothing left behind, no reaper needed
                 else:
-                    self.reap(req.get("uid"), pid, finished)
+                    self.reap(uid, pid, finished)
             elif pid in self.reapers:
-                finished = self.reapers.pop(pid)
-                if finished is not None:
-                    self.send(finished)
+                uid = self.reapers.pop(pid)
+                del self.reaping[uid]
+                if uid in self.again:
+                    self.again.discard(uid)
+                    self._fork_reaper(uid)
+                else:
+                    for message in self.waiting.pop(uid, []):
+                        self.send(message)
             # anything else is an orphan handed to us as subreaper: reaped, nothing to say
-
 
     def shutdown(self):
         """Kill and reap every descendant, so nothing is left to the system's init as a zombie."""
@@ -337,7 +360,8 @@ class Worker:
         if children is None:
             return True  # cannot tell: reap to be sure
         for pid in children - set(self.running) - set(self.reapers):
-            if _uid_state(pid) is not None and _uid_state(pid)[0] == uid:
+            found = _uid_state(pid)
+            if found is not None and found[0] == uid and found[1] not in ("Z", "X"):
                 return True
         return False
 

@@ -89,6 +89,7 @@ async def run_episode(ctx: RolloutContext, question: str, options: Mapping[str, 
     budget_total = int(options["max_response_tokens"])
     calls: list[str] = []
     text = ""
+    policy_text = ""  # what the policy wrote, without tool output: the answer is graded on this alone
     box = None
     try:
         for _turn in range(int(options["max_turns"])):
@@ -103,6 +104,7 @@ async def run_episode(ctx: RolloutContext, question: str, options: Mapping[str, 
             context += result.output_ids
             turn_text = tok.decode(result.output_ids, skip_special_tokens=True)
             text += turn_text
+            policy_text += turn_text
             if result.finish_reason != "stop":
                 traj.status = "truncated"
                 break
@@ -138,6 +140,7 @@ async def run_episode(ctx: RolloutContext, question: str, options: Mapping[str, 
         if box is not None:
             await box.__aexit__(None, None, None)
     traj.response_text = text
+    traj.metadata["policy_text"] = policy_text
     traj.metadata["tool_calls"] = len(calls)
     traj.metadata["tool_statuses"] = calls
     return traj

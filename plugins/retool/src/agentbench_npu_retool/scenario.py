@@ -60,7 +60,8 @@ class RetoolScenario:
         return traj
 
     def reward(self, task: Task, traj: Trajectory) -> float:
-        answer = boxed_answer(traj.response_text)
+        # the policy's own words only: code that prints "\\boxed{42}" must not answer for it
+        answer = boxed_answer(traj.metadata.get("policy_text", traj.response_text))
         correct = answers_match(answer, task.label)
         traj.metadata["correct"] = correct
         traj.metadata["answered"] = answer is not None
