@@ -6,20 +6,18 @@ checklist item: the policy calls a real code interpreter, reads its output, and 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agentbench_npu.errors import one_line
-from agentbench_npu.sandbox.local import live_processes
+from agentbench_npu.sandbox import docker as docker_backend
+from agentbench_npu.sandbox.local import live_processes, lock_uids
 
 pytestmark = pytest.mark.slow
 
@@ -122,23 +120,16 @@ def test_no_sandbox_process_outlives_the_run(default_run):
     if not sandbox.get("uid_range"):
         pytest.skip(f"isolation {sandbox['isolation']!r}: the sandboxes had no uids of their own to look for")
     low, high = sandbox["uid_range"]
-    # hold the range's lock while looking, so that no other run can be using these uids meanwhile
-    lock = Path(tempfile.gettempdir()) / f"agentbench-npu-sandbox-uids-{low}.lock"
-    with open(lock, "a") as handle:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"another run on this machine holds uids {low}-{high} now; cannot tell its "
-                                "processes from leftovers")
-                time.sleep(1)
-        try:
-            assert live_processes(set(range(low, high + 1))) == 0
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    # hold the range's locks while looking, so that no other run can be using these uids meanwhile
+    held = lock_uids(range(low, high + 1))
+    if held is None:
+        pytest.skip(f"another run on this machine holds uids {low}-{high} now; cannot tell its processes from "
+                    "leftovers")
+    try:
+        assert live_processes(set(range(low, high + 1))) == 0
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 def test_no_sandbox_directory_outlives_the_run(default_run):
@@ -150,31 +141,8 @@ def test_no_sandbox_directory_outlives_the_run(default_run):
 
 
 # -- b) the docker backend ---------------------------------------------------------------------------
-def docker_unavailable() -> str | None:
-    """Why the docker backend cannot run here, or None (the same conditions as the docker sandbox tests)."""
-    try:
-        import docker
-    except ImportError:
-        return "the docker SDK is not installed: pip install 'agentbench-npu[docker]'"
-    from agentbench_npu.sandbox.docker import DEFAULT_IMAGE
-
-    try:
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except Exception as exc:
-        return (f"the Docker daemon is unreachable ({one_line(exc)}); start it (e.g. `dockerd --iptables=false "
-                "--bridge=none --storage-driver=vfs &`) to run the docker sandbox tests")
-    try:
-        client.images.get(DEFAULT_IMAGE)
-    except Exception:
-        return f"the image {DEFAULT_IMAGE} is missing: build it with sandboxes/python-exec/build.sh"
-    finally:
-        client.close()
-    return None
-
-
 def test_retool_runs_with_the_docker_sandbox(cli, tmp_path):
-    why = docker_unavailable()
+    why = docker_backend.unavailable()
     if why:
         pytest.skip(why)
     # a container per episode costs ~1 s on the vfs driver: 2 steps of 4 x 2 episodes prove the path

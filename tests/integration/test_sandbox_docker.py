@@ -17,38 +17,17 @@ from typing import Any, Awaitable, Callable
 
 import pytest
 
-from agentbench_npu.errors import MissingExtraError, one_line
+from agentbench_npu.errors import MissingExtraError
 from agentbench_npu.sandbox import docker as docker_backend
 from agentbench_npu.sandbox.base import ExecResult, SandboxError, SandboxLimits
+from agentbench_npu.sandbox.conformance import CHECKS, run_checks
 from agentbench_npu.sandbox.docker import DEFAULT_IMAGE, LABEL, LABEL_VALUE, PROVIDER_LABEL, DockerSandboxProvider
 
-try:
-    import docker
-except ImportError as exc:
-    pytest.skip(f"the docker SDK cannot be imported ({one_line(exc)}): pip install 'agentbench-npu[docker]'",
-                allow_module_level=True)
-
-
-def _docker_unavailable() -> str | None:
-    """Why the tests cannot run here, or None."""
-    try:
-        client = docker.from_env(timeout=10)
-        client.ping()
-    except Exception as exc:
-        return (f"the Docker daemon is unreachable ({one_line(exc)}); start it (e.g. `dockerd --iptables=false "
-                "--bridge=none --storage-driver=vfs &`) to run the docker sandbox tests")
-    try:
-        client.images.get(DEFAULT_IMAGE)
-    except Exception:
-        return f"the image {DEFAULT_IMAGE} is missing: build it with sandboxes/python-exec/build.sh"
-    finally:
-        client.close()
-    return None
-
-
-_why = _docker_unavailable()
+_why = docker_backend.unavailable()
 if _why:
     pytest.skip(_why, allow_module_level=True)
+
+import docker  # noqa: E402  (present: unavailable() said so)
 
 LIMITS = SandboxLimits(wall_seconds=3, cpu_seconds=2, memory_mb=256, output_bytes=65536, processes=32)
 
@@ -424,14 +403,7 @@ def test_closing_the_provider_leaves_no_container_and_fails_a_running_exec():
     assert len(containers(f"{LABEL}={LABEL_VALUE}")) <= before
 
 
-# -- the conformance suite, where it exists ---------------------------------------------------------
-try:
-    from agentbench_npu.sandbox.conformance import CHECKS, run_checks
-except ImportError:  # pragma: no cover - the suite is optional
-    CHECKS, run_checks = [], None
-
-
-@pytest.mark.skipif(not CHECKS, reason="agentbench_npu.sandbox.conformance is not available")
+# -- the conformance suite ---------------------------------------------------------------------------
 @pytest.mark.parametrize("check", CHECKS, ids=[f"{c.kind}-{c.name}" for c in CHECKS])
 def test_the_docker_sandbox_passes_every_conformance_check(provider: DockerSandboxProvider, check):
     [result] = run(run_checks(provider, names=[check.name]))

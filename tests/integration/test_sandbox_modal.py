@@ -535,7 +535,8 @@ def test_plugin_registers_modal():
 
 def test_contract_checks_of_the_conformance_suite():
     """The shared contract checks (not the hostile ones: FakeModal's "container" is this machine)."""
-    conformance = pytest.importorskip("agentbench_npu.sandbox.conformance")
+    from agentbench_npu.sandbox import conformance
+
     limits = SandboxLimits(wall_seconds=3, cpu_seconds=2, memory_mb=256)
 
     async def go():
@@ -550,8 +551,9 @@ def test_contract_checks_of_the_conformance_suite():
 # the real SDK, where installed: signatures, and the missing-token path offline
 # --------------------------------------------------------------------------------------------------
 def test_calls_bind_to_the_installed_sdk_signatures():
-    modal = pytest.importorskip("modal")
     import inspect
+
+    import modal
 
     from modal.container_process import ContainerProcess
     from modal.sandbox.sandbox import SandboxFilesystem
@@ -589,7 +591,6 @@ def _modal_credentials() -> bool:
 
 @pytest.mark.skipif(_modal_credentials(), reason="Modal credentials are present; this checks their absence")
 def test_real_sdk_without_token_gives_the_credentials_hint():
-    pytest.importorskip("modal")
     with pytest.raises(ModalCredentialsError, match="modal token new"):
         run(ModalSandboxProvider(LIMITS, {"image": ""}).start())
 
@@ -597,7 +598,6 @@ def test_real_sdk_without_token_gives_the_credentials_hint():
 @pytest.mark.skipif(not _modal_credentials(),
                     reason="no Modal credentials (set MODAL_TOKEN_ID/MODAL_TOKEN_SECRET or run `modal token new`)")
 def test_live_modal_sandbox():
-    pytest.importorskip("modal")
     limits = SandboxLimits(wall_seconds=20, cpu_seconds=20, memory_mb=512, output_bytes=4096)
 
     async def go():

@@ -4,8 +4,8 @@ the step metrics. Each test name states the behaviour it pins down."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,18 +255,15 @@ def test_empty_dataset_file_is_a_user_error(tmp_path):
         load_dataset(str(path))
 
 
-HAS_PYARROW = importlib.util.find_spec("pyarrow") is not None
-
-
-@pytest.mark.skipif(HAS_PYARROW, reason="pyarrow is installed here; the parquet round trip below covers it")
-def test_parquet_without_pyarrow_is_a_user_error_naming_the_extra(tmp_path):
+def test_parquet_without_pyarrow_is_a_user_error_naming_the_extra(tmp_path, monkeypatch):
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import pyarrow.parquet` now raises ImportError
     path = tmp_path / "dapo.parquet"
     path.write_bytes(b"PAR1 not really parquet PAR1")
     with pytest.raises(UserError, match=r"pip install 'agentbench-npu-retool\[parquet\]'"):
         load_dataset(str(path))
 
 
-@pytest.mark.skipif(not HAS_PYARROW, reason="pyarrow is not installed (pip install 'agentbench-npu-retool[parquet]')")
 def test_parquet_rows_become_tasks(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -82,6 +82,42 @@ def _import_docker() -> Any:
     return docker
 
 
+def connect(image: str = DEFAULT_IMAGE, **client_options: Any) -> tuple[Any, dict[str, Any]]:
+    """A client of a daemon that answers and holds `image`, and the daemon's version; else SandboxError
+    (MissingExtraError without the SDK) saying what is missing and how to get it."""
+    docker = _import_docker()
+    try:
+        client = docker.from_env(**client_options)
+        client.ping()
+        server = client.version()
+    except Exception as exc:
+        raise SandboxError(
+            f"cannot reach the Docker daemon ({one_line(exc)}); start it (`systemctl start docker`, or "
+            "`dockerd --iptables=false --bridge=none --storage-driver=vfs &` as root) or point DOCKER_HOST "
+            "at one") from None
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        client.close()
+        how = (f"build it with `{BUILD_COMMAND}` (from the agentbench-npu source tree)"
+               if image == DEFAULT_IMAGE else "pull or build it first")
+        raise SandboxError(f"docker image {image!r} is not on this machine: {how}") from None
+    except Exception as exc:
+        client.close()
+        raise SandboxError(f"cannot look up docker image {image!r}: {one_line(exc)}") from None
+    return client, server
+
+
+def unavailable(image: str = DEFAULT_IMAGE) -> str | None:
+    """Why the docker backend cannot run here (no SDK, no daemon, no image), or None."""
+    try:
+        client, _ = connect(image, timeout=10)
+    except (SandboxError, MissingExtraError) as exc:
+        return str(exc)
+    client.close()
+    return None
+
+
 class DockerSandboxProvider(SandboxProvider):
     name = "docker"
     description = "one Docker container per sandbox: no network, read-only root, cgroup memory/pids limits"
@@ -122,24 +158,7 @@ class DockerSandboxProvider(SandboxProvider):
             if self.client is not None:
                 return
             docker = _import_docker()
-            try:
-                client = docker.from_env(max_pool_size=self.threads)
-                client.ping()
-                self.server = client.version()
-            except Exception as exc:
-                raise SandboxError(
-                    f"cannot reach the Docker daemon ({one_line(exc)}); start it (`systemctl start docker`, or "
-                    "`dockerd &` as root) or point DOCKER_HOST at one") from None
-            try:
-                client.images.get(self.image)
-            except docker.errors.ImageNotFound:
-                client.close()
-                how = (f"build it with `{BUILD_COMMAND}` (from the agentbench-npu source tree)"
-                       if self.image == DEFAULT_IMAGE else "pull or build it first")
-                raise SandboxError(f"docker image {self.image!r} is not on this machine: {how}") from None
-            except Exception as exc:
-                client.close()
-                raise SandboxError(f"cannot look up docker image {self.image!r}: {one_line(exc)}") from None
+            client, self.server = connect(self.image, max_pool_size=self.threads)
             self.docker, self.client = docker, client
         self._refill()
 

@@ -100,27 +100,16 @@ class LocalSandboxProvider(SandboxProvider):
 
         One lock file per uid, in a directory only root can write: providers with different slot counts
         or temp dirs still never overlap, and so never kill each other's processes."""
-        LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
         for attempt in range(16):
             base = self.uid_base + attempt * self.slots
             uids = range(base, base + self.slots)
             if any(_has_account(u) for u in uids) or live_processes(set(uids)):
                 continue
-            held: list[int] = []
-            for uid in uids:
-                fd = os.open(LOCK_DIR / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(fd)
-                    break
-                held.append(fd)
-            if len(held) == self.slots:
+            held = lock_uids(uids)
+            if held is not None:
                 self._lock_fds = held
                 self._free = list(range(base + self.slots - 1, base - 1, -1))
                 return
-            for fd in held:
-                os.close(fd)
         raise SandboxError(f"no free range of {self.slots} sandbox uids from {self.uid_base}; "
                            "close other runs or set sandbox.uid_base")
 
@@ -303,6 +292,24 @@ class LocalSandbox(Sandbox):
             raise SandboxError(f"{path!r} in the sandbox is a directory") from None
         with os.fdopen(fd, "rb") as f:
             return f.read(self.limits.file_mb * 2**20 + 1)[: self.limits.file_mb * 2**20]
+
+
+def lock_uids(uids: range) -> list[int] | None:
+    """Lock every uid of `uids` for this process (one lock file each, in a directory only root can write),
+    or none of them if another holder has any; the fds are the locks: close them to release."""
+    LOCK_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    held: list[int] = []
+    for uid in uids:
+        fd = os.open(LOCK_DIR / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            for other in held:
+                os.close(other)
+            return None
+        held.append(fd)
+    return held
 
 
 def _has_account(uid: int) -> bool:
