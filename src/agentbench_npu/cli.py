@@ -274,9 +274,12 @@ def serve(ctx: click.Context, model: str, device: str, dtype: str, host: str, po
 
 
 def _add_builtin_groups() -> None:
+    from .retrieval.commands import search_index, search_server
     from .sandbox.commands import sandbox
 
     cli.add_command(sandbox)
+    cli.add_command(search_server)
+    cli.add_command(search_index)
 
 
 _add_builtin_groups()
