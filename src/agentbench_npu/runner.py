@@ -6,6 +6,7 @@ Nothing here knows a device, an engine or a scenario by name: it talks to their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import shutil
@@ -63,6 +64,7 @@ class Run:
     cluster: Any = None
     cluster_info: dict[str, Any] = field(default_factory=dict)
     sandbox_info: dict[str, Any] | None = None
+    services_info: dict[str, Any] = field(default_factory=dict)
 
 
 class Runner:
@@ -106,6 +108,8 @@ class Runner:
         self.sandbox_factory = None
         if getattr(self.scenario, "uses_sandbox", False):
             self.sandbox_factory = self.plugins.get("sandbox", c.sandbox.backend).obj
+        # built (and their input checked) now, started in _setup
+        self.services = dict(self.scenario.services(c.task)) if hasattr(self.scenario, "services") else {}
         torch_dtype(c.model.dtype)
         self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
@@ -157,6 +161,12 @@ class Runner:
                 self.sandboxes = None
                 raise UserError(f"sandbox '{c.sandbox.backend}' could not start: {one_line(exc)}") from exc
             self.run.sandbox_info = self.sandboxes.describe()
+        self._services = contextlib.ExitStack()
+        self.service_clients: dict[str, Any] = {}
+        for name, service in self.services.items():
+            self.progress.phase(f"service {name}", None)
+            self.service_clients[name] = self._services.enter_context(service)
+            self.run.services_info[name] = service.describe() if hasattr(service, "describe") else {}
         self.start_step, self.cursor = int(state.get("step", 0)), int(state.get("cursor", 0))
         first = self.cluster.sync_weights()
         if not first.checksums_match:
@@ -212,14 +222,24 @@ class Runner:
         return report
 
     def _shutdown(self) -> None:
-        try:
-            if getattr(self, "sandboxes", None) is not None:
-                sandboxes, self.sandboxes = self.sandboxes, None
-                asyncio.run(sandboxes.close())
-        finally:  # a sandbox backend that fails to close must not keep the devices (or Ray) held
-            if self.run.cluster is not None:
-                self.run.cluster.shutdown()
-                self.run.cluster = None
+        # each stops even when one before it fails: a service or sandbox backend that fails to close must not
+        # keep the devices (or Ray) held; callbacks run last-registered first
+        with contextlib.ExitStack() as stack:
+            stack.callback(self._stop_cluster)
+            stack.callback(self._stop_sandboxes)
+            services, self._services = getattr(self, "_services", None), None
+            if services is not None:
+                stack.callback(services.close)
+
+    def _stop_sandboxes(self) -> None:
+        if getattr(self, "sandboxes", None) is not None:
+            sandboxes, self.sandboxes = self.sandboxes, None
+            asyncio.run(sandboxes.close())
+
+    def _stop_cluster(self) -> None:
+        if self.run.cluster is not None:
+            self.run.cluster.shutdown()
+            self.run.cluster = None
 
     def _tasks(self, count: int) -> list[Task]:
         c = self.config
@@ -240,7 +260,7 @@ class Runner:
         batch = asyncio.run(collect(
             self.scenario, self.cluster.engine, self.tokenizer, tasks, step=step, seed=c.run.seed,
             samples_per_prompt=r.samples_per_prompt, sampling=sampling, options=c.task,
-            sandboxes=getattr(self, "sandboxes", None), batching=r.batching,
+            sandboxes=getattr(self, "sandboxes", None), services=self.service_clients, batching=r.batching,
         ))
         rollout_seconds = time.perf_counter() - t0
         trajs = batch.trajectories
@@ -361,7 +381,7 @@ class Runner:
             "resumed_from": self.run.resumed_from,
             "model_dir": self.run.model_dir,
             "environment": {**environment(getattr(self, "device", None)), "cluster": self.run.cluster_info,
-                            "sandbox": self.run.sandbox_info},
+                            "sandbox": self.run.sandbox_info, "services": self.run.services_info},
             "config": self.config.to_dict(),
             "config_digest": self.config.digest(),
             "steps": steps,

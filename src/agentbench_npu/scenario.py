@@ -24,10 +24,15 @@ class Scenario(Protocol):
     rollout(ctx, task)   async agent loop → Trajectory or list of Trajectory
     reward(task, traj)   float reward for one trajectory
     Optional:
-      demonstrations(options, count, seed) → [(messages, response_text)] for the tiny warm start
+      demonstrations(options, count, seed) → [(messages, response[, tools])] for the tiny warm start; a response
+                            is text, or (text, trained) segments (tool output untrained); tools render into the prompt
       uses_sandbox = True   the runner then starts the configured sandbox backend ([sandbox]) for the
                             run and agent loops open sandboxes with `ctx.sandbox()`
       step_metrics(trajectories) → {name: float} merged into each step's report row
+      services(options) → {name: context manager}: built at set-up (so bad input fails before the run starts),
+                            entered before the first rollout, exited after the last step; what each yields
+                            is `ctx.services[name]` (a search server's client, say). `describe()` on a service,
+                            if present, goes into the report's environment.
     """
 
     name: str

@@ -29,7 +29,8 @@ def warm_start_dir(base: Path, scenario: str, options: Mapping[str, Any], settin
     return cache_root() / "warm-start" / f"{scenario}-{key}"
 
 
-Demonstration = tuple[list[dict], "str | list[tuple[str, bool]]"]
+# (messages, response) or (messages, response, tools): tools render into the prompt as the agent loop renders them
+Demonstration = tuple
 
 
 def encode_demonstrations(tokenizer: Any, demos: list[Demonstration]) -> list[tuple[list[int], list[int], list[bool]]]:
@@ -37,12 +38,14 @@ def encode_demonstrations(tokenizer: Any, demos: list[Demonstration]) -> list[tu
 
     A response is a string (all of it trained) or a list of (text, trained) segments: a multi-turn agent's
     tool observations are segments with trained=False, encoded on their own exactly as the agent loop
-    appends them, so warm start and rollout see the same token boundaries.
+    appends them, so warm start and rollout see the same token boundaries. A third element, a list of tool
+    schemas, renders into the prompt the way the chat template renders tools.
     """
     eos = tokenizer.eos_token_id
     out = []
-    for messages, response in demos:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    for messages, response, *rest in demos:
+        tools = rest[0] if rest else None
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         prompt = tokenizer.encode(text, add_special_tokens=False)
         segments = [(response, True)] if isinstance(response, str) else list(response)
         ids: list[int] = []
