@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 from .types import Task
@@ -50,3 +51,38 @@ def take(tasks: list[Task], seed: int, cursor: int, count: int) -> list[Task]:
         random.Random(f"{seed}:{epoch}").shuffle(order)
         out.append(tasks[order[index]])
     return out
+
+
+def read_rows(path: str, option: str, fallback: str, parquet_extra: str) -> list[tuple[str, Any]]:
+    """(where, row) for every row of a JSONL, JSON-array (`.json`) or parquet file, for a scenario's own loader.
+
+    `where` is `file:line`, `file:item N` or `file:row N`, for errors that point at the row. `option` names the
+    setting the path came from, `fallback` what to set instead, `parquet_extra` the pip install that brings pyarrow.
+    """
+    file = Path(path)
+    if not path or not file.is_file():
+        raise UserError(f"{option} '{path}' does not exist; give a JSONL or parquet file, or {fallback}")
+    rows: list[tuple[str, Any]] = []
+    if file.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"{option} '{path}' is parquet, which needs pyarrow: pip install '{parquet_extra}'") from None
+        rows = [(f"{path}:row {n}", row) for n, row in enumerate(pq.read_table(file).to_pylist(), start=1)]
+    elif file.suffix == ".json" and (text := file.read_text(encoding="utf-8")).lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        rows = [(f"{path}:item {n}", row) for n, row in enumerate(items, start=1)]
+    else:
+        with file.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        rows.append((f"{path}:{number}", json.loads(line)))
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not rows:
+        raise UserError(f"{option} '{path}' has no rows; {fallback}")
+    return rows

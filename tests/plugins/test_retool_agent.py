@@ -15,7 +15,7 @@ import json
 import math
 import os
 import random
-from typing import Any, Sequence
+from typing import Any
 
 import pytest
 import torch
@@ -29,63 +29,19 @@ from agentbench_npu.sandbox.base import SandboxLimits
 from agentbench_npu.sandbox.local import LocalSandboxProvider, live_processes
 from agentbench_npu.scenario import RolloutContext
 from agentbench_npu.types import (
-    GenerateRequest,
-    GenerateResult,
     SamplingParams,
     Task,
     Trajectory,
 )
+from tests.support.scripted_policy import POLICY_LOGPROB, ScriptedPolicy
 
 SCENARIO = RetoolScenario()
 OPTIONS = dict(SCENARIO.recipe().values["task"])
-POLICY_LOGPROB = -0.5
 # hostile snippets run into these on purpose; small, so that a test takes about a second
 LIMITS = SandboxLimits(wall_seconds=1.0, cpu_seconds=1.0, memory_mb=256, processes=16)
 # away from the runner's default (3,000,000) and the local sandbox tests' (3,100,000, 3,200,000), so that "no process
 # of our uids is left" is about this module's sandboxes only
 UID_BASE = 3_300_000
-
-
-# -- the policy double ---------------------------------------------------------------------------
-class ScriptedPolicy(EngineClient):
-    """Test double of EngineClient for the policy: returns the scripted turns in order, as a real engine
-    would return sampled ones (real token ids, a log-prob per token, cut at a stop token or the budget)."""
-
-    def __init__(self, tokenizer: Any, turns: Sequence[str], logprob: float = POLICY_LOGPROB):
-        self.tokenizer = tokenizer
-        self.turns = list(turns)
-        self.logprob = logprob
-        self.requests: list[GenerateRequest] = []
-        self.outputs: list[tuple[int, ...]] = []
-
-    async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        results = []
-        for request in requests:
-            self.requests.append(request)
-            if not self.turns:
-                raise RuntimeError(f"the policy was asked for turn {len(self.requests)}, beyond its script")
-            ids = self.tokenizer.encode(self.turns.pop(0), add_special_tokens=False)
-            reason = "stop"  # the scripted turn is all the policy says: as if it ended with EOS
-            stops = [k for k, i in enumerate(ids) if i in request.sampling.stop_token_ids]
-            if stops:
-                ids = ids[:stops[0] + 1]
-            if len(ids) > request.sampling.max_new_tokens:
-                ids, reason = ids[:request.sampling.max_new_tokens], "length"
-            self.outputs.append(tuple(ids))
-            results.append(GenerateResult(
-                output_ids=tuple(ids), output_logprobs=tuple([self.logprob] * len(ids)),
-                text=self.tokenizer.decode(ids, skip_special_tokens=True), finish_reason=reason,  # type: ignore[arg-type]
-                prompt_tokens=len(request.input_ids), weight_version=3))
-        return results
-
-    async def update_weights_from_disk(self, path: Any) -> int:
-        raise NotImplementedError("a scripted policy has no weights")
-
-    async def weights_checksum(self) -> str:
-        raise NotImplementedError("a scripted policy has no weights")
-
-    async def model_info(self) -> dict[str, Any]:
-        return {"model_path": "scripted", "weight_version": 3}
 
 
 def call(code: str, name: str = TOOL_NAME) -> str:

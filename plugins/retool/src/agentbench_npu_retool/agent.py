@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from agentbench_npu.episode import Episode
 from agentbench_npu.sandbox.base import ExecResult
 from agentbench_npu.scenario import RolloutContext
 from agentbench_npu.types import Trajectory
@@ -82,33 +83,19 @@ async def run_episode(ctx: RolloutContext, question: str, options: Mapping[str, 
     if options["system_prompt"]:
         messages.append({"role": "system", "content": options["system_prompt"]})
     messages.append({"role": "user", "content": question})
-    prompt = ctx.render(messages)
-    traj = Trajectory(prompt_ids=prompt)
-    context = list(prompt)
+    episode = Episode.start(ctx, ctx.render(messages), options["max_response_tokens"])
+    traj = episode.traj
     stop_ids = tuple(i for i in (tok.convert_tokens_to_ids("</tool_call>"),) if isinstance(i, int) and i >= 0)
-    budget_total = int(options["max_response_tokens"])
+    sampling = ctx.sampling.replace(stop_token_ids=stop_ids, stop=("```\n",))
     calls: list[str] = []
-    text = ""
-    policy_text = ""  # what the policy wrote, without tool output: the answer is graded on this alone
     box = None
     try:
         for _turn in range(int(options["max_turns"])):
-            budget = min(ctx.sampling.max_new_tokens, budget_total - traj.response_length)
-            if budget <= 0:
+            sampled = await episode.policy_turn(sampling)
+            if sampled is None or sampled[0].finish_reason != "stop":
                 traj.status = "truncated"
                 break
-            result = await ctx.engine.generate_one(
-                context, ctx.sampling.replace(max_new_tokens=budget, stop_token_ids=stop_ids, stop=("```\n",)))
-            traj.append_model_tokens(result.output_ids, result.output_logprobs)
-            traj.weight_version = result.weight_version
-            context += result.output_ids
-            turn_text = tok.decode(result.output_ids, skip_special_tokens=True)
-            text += turn_text
-            policy_text += turn_text
-            if result.finish_reason != "stop":
-                traj.status = "truncated"
-                break
-            action = parse_action(turn_text)
+            action = parse_action(sampled[1])
             if action.code is None and not action.error:
                 traj.status = "completed"
                 break  # the final answer (or nothing usable): the episode is over
@@ -124,23 +111,12 @@ async def run_episode(ctx: RolloutContext, question: str, options: Mapping[str, 
                 executed = await box.run_python(action.code)
                 calls.append(executed.status)
                 shown = observation(executed, int(options["observation_chars"]))
-            obs_ids = tok.encode(shown, add_special_tokens=False)
-            room = budget_total - traj.response_length
-            if len(obs_ids) > room:  # the cap covers tool output too: keep what fits, and stop
-                traj.append_env_tokens(obs_ids[:room])
-                text += tok.decode(obs_ids[:room])
+            if not episode.observe(shown):  # the cap covers tool output too: keep what fits, and stop
                 traj.status = "truncated"
                 break
-            traj.append_env_tokens(obs_ids)
-            context += obs_ids
-            text += shown
         else:
             traj.status = "truncated"  # out of turns right after a tool result: no answer was given
     finally:
         if box is not None:
             await box.__aexit__(None, None, None)
-    traj.response_text = text
-    traj.metadata["policy_text"] = policy_text
-    traj.metadata["tool_calls"] = len(calls)
-    traj.metadata["tool_statuses"] = calls
-    return traj
+    return episode.finish(tool_calls=len(calls), tool_statuses=calls)

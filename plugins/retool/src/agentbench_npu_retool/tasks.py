@@ -7,13 +7,11 @@ verl/slime layout `{"prompt": [chat messages], "reward_model": {"ground_truth": 
 
 from __future__ import annotations
 
-import json
 import random
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Mapping
 
-from agentbench_npu.datasets import take
+from agentbench_npu.datasets import read_rows, take
 from agentbench_npu.errors import UserError
 from agentbench_npu.types import Task
 
@@ -55,30 +53,8 @@ def dataset_tasks(path: str, seed: int, cursor: int, count: int) -> list[Task]:
 @lru_cache(maxsize=4)
 def load_dataset(path: str) -> tuple[Task, ...]:
     """Every row of a JSONL or parquet file as a Task; errors name file:line (or file:row) and the field."""
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"task.dataset '{path}' does not exist; give a JSONL or parquet file, or set task.dataset=\"\"")
-    rows: list[tuple[str, Any]] = []
-    if file.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise UserError(f"task.dataset '{path}' is parquet, which needs pyarrow: "
-                            "pip install 'agentbench-npu-retool[parquet]'") from None
-        for number, row in enumerate(pq.read_table(file).to_pylist(), start=1):
-            rows.append((f"{path}:row {number}", row))
-    else:
-        with file.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    try:
-                        rows.append((f"{path}:{number}", json.loads(line)))
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    tasks = [_task(where, row, index) for index, (where, row) in enumerate(rows)]
-    if not tasks:
-        raise UserError(f"task.dataset '{path}' has no rows")
-    return tuple(tasks)
+    rows = read_rows(path, "task.dataset", 'set task.dataset=""', "agentbench-npu-retool[parquet]")
+    return tuple(_task(where, row, index) for index, (where, row) in enumerate(rows))
 
 
 def _task(where: str, row: Any, index: int) -> Task:

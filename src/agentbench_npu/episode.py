@@ -1,0 +1,61 @@
+"""The token bookkeeping every multi-turn agent loop repeats: a policy turn, an observation, a response budget.
+
+An `Episode` keeps the trajectory, the exact ids the policy conditions on, and the text so far. Policy turns
+are appended as trainable tokens with their log-probs; observations as environment tokens, encoded on their
+own, exactly the tokens the next turn reads. The response budget covers both: an observation that does not
+fit is cut to what fits, and the loop should stop there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .scenario import RolloutContext
+from .types import GenerateResult, SamplingParams, Trajectory
+
+
+@dataclass
+class Episode:
+    ctx: RolloutContext
+    traj: Trajectory
+    max_response_tokens: int
+    context: list[int] = field(default_factory=list)
+    text: str = ""  # policy turns and observations, as the report's samples show them
+    policy_text: str = ""  # the policy's own words only: what answers are graded on
+
+    @classmethod
+    def start(cls, ctx: RolloutContext, prompt_ids: list[int], max_response_tokens: int) -> Episode:
+        return cls(ctx, Trajectory(prompt_ids=prompt_ids), int(max_response_tokens), list(prompt_ids))
+
+    @property
+    def room(self) -> int:
+        return self.max_response_tokens - self.traj.response_length
+
+    async def policy_turn(self, sampling: SamplingParams) -> tuple[GenerateResult, str] | None:
+        """Sample one turn (at most the per-turn and the remaining budget); None when no budget is left."""
+        budget = min(self.ctx.sampling.max_new_tokens, self.room)
+        if budget <= 0:
+            return None
+        result = await self.ctx.engine.generate_one(self.context, sampling.replace(max_new_tokens=budget))
+        self.traj.append_model_tokens(result.output_ids, result.output_logprobs)
+        self.traj.weight_version = result.weight_version
+        self.context += result.output_ids
+        turn_text = self.ctx.tokenizer.decode(result.output_ids, skip_special_tokens=True)
+        self.text += turn_text
+        self.policy_text += turn_text
+        return result, turn_text
+
+    def observe(self, shown: str) -> bool:
+        """Append an observation as environment tokens; False when the budget cut it (the loop should stop)."""
+        ids = self.ctx.tokenizer.encode(shown, add_special_tokens=False)
+        kept = ids[:max(0, self.room)]
+        self.traj.append_env_tokens(kept)
+        self.context += kept
+        self.text += shown if len(kept) == len(ids) else self.ctx.tokenizer.decode(kept)
+        return len(kept) == len(ids)
+
+    def finish(self, **metadata: Any) -> Trajectory:
+        self.traj.response_text = self.text
+        self.traj.metadata.update(policy_text=self.policy_text, **metadata)
+        return self.traj
