@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -211,9 +212,11 @@ class Runner:
             report = self._write_report(status)
         except UserError as exc:
             self._write_report("error", error=str(exc))
+            self._shutdown_after_failure()
             raise
         except Exception as exc:
             self._write_report("error", error=one_line(exc))
+            self._shutdown_after_failure()
             raise
         finally:
             self.progress.done()
@@ -230,6 +233,14 @@ class Runner:
             services, self._services = getattr(self, "_services", None), None
             if services is not None:
                 stack.callback(services.close)
+
+    def _shutdown_after_failure(self) -> None:
+        """Clean up after a failed run without hiding why it failed: a service or backend that then fails to
+        stop is logged, and the run's own exception is the one raised."""
+        try:
+            self._shutdown()
+        except Exception as exc:
+            logging.getLogger(__name__).warning("shutting down after the failure failed too: %s", one_line(exc))
 
     def _stop_sandboxes(self) -> None:
         if getattr(self, "sandboxes", None) is not None:
