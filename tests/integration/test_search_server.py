@@ -268,6 +268,13 @@ def test_title_and_text_rows_are_accepted_and_searchable(tmp_path):
     assert (best["id"], best["title"], best["text"]) == ("1", "Oslo", "Capital of Norway.")
 
 
+def test_lines_split_only_at_newlines_so_unicode_separators_stay_inside_a_document(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [{"id": "1", "contents": '"T"\nbefore\u2028after\u0085end'}, {"id": "2", "contents": '"U"\nplain'}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    assert list(load_corpus(path).records) == rows
+
+
 # -- SearchService -----------------------------------------------------------------------------------------
 def test_search_service_serves_on_a_free_port_and_stops_at_exit(corpus):
     service = SearchService(corpus=corpus, topk=2)

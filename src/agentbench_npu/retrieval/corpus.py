@@ -52,7 +52,7 @@ def _load(path: str, stamp: tuple[int, int, int] | None) -> Corpus:
                         '{"id": ..., "contents": ...} per line')
     raw = file.read_bytes()
     records: list[dict[str, Any]] = []
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
