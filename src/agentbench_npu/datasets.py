@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .types import Task
 
 
@@ -62,14 +62,32 @@ def read_rows(path: str, option: str, fallback: str, parquet_extra: str) -> list
     file = Path(path)
     if not path or not file.is_file():
         raise UserError(f"{option} '{path}' does not exist; give a JSONL or parquet file, or {fallback}")
-    rows: list[tuple[str, Any]] = []
     if file.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise UserError(f"{option} '{path}' is parquet, which needs pyarrow: pip install '{parquet_extra}'") from None
-        rows = [(f"{path}:row {n}", row) for n, row in enumerate(pq.read_table(file).to_pylist(), start=1)]
-    elif file.suffix == ".json" and (text := file.read_text(encoding="utf-8")).lstrip().startswith("["):
+        try:
+            table = pq.read_table(file)
+        except Exception as exc:  # pyarrow's errors for a corrupt or non-parquet file vary by version
+            raise UserError(f"{option} '{path}' is not a readable parquet file ({one_line(exc)})") from None
+        return _non_empty([(f"{path}:row {n}", row) for n, row in enumerate(table.to_pylist(), start=1)],
+                          option, path, fallback)
+    try:
+        return _non_empty(_json_rows(file, path), option, path, fallback)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+
+
+def _non_empty(rows: list[tuple[str, Any]], option: str, path: str, fallback: str) -> list[tuple[str, Any]]:
+    if not rows:
+        raise UserError(f"{option} '{path}' has no rows; {fallback}")
+    return rows
+
+
+def _json_rows(file: Path, path: str) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    if file.suffix == ".json" and (text := file.read_text(encoding="utf-8")).lstrip().startswith("["):
         try:
             items = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -83,6 +101,4 @@ def read_rows(path: str, option: str, fallback: str, parquet_extra: str) -> list
                         rows.append((f"{path}:{number}", json.loads(line)))
                     except json.JSONDecodeError as exc:
                         raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not rows:
-        raise UserError(f"{option} '{path}' has no rows; {fallback}")
     return rows

@@ -16,12 +16,13 @@ import uvicorn
 
 
 class AppThread:
-    """`app_factory()` served on `host:port`; `port=0` picks a free port. Entering returns once `/health`
-    answers (`.url` is then the base URL); leaving stops the server and joins its thread."""
+    """`app_factory()` served on `host:port`; `port=0` picks a free port. Entering returns once GET `health`
+    answers 200 (`.url` is then the base URL); leaving stops the server and joins its thread."""
 
     def __init__(self, app_factory: Callable[[], Any], what: str, host: str = "127.0.0.1", port: int = 0, *,
-                 log_level: str = "warning", startup_timeout: float = 60.0, stop_timeout: float = 30.0):
-        self.app_factory, self.what = app_factory, what
+                 log_level: str = "warning", startup_timeout: float = 60.0, stop_timeout: float = 30.0,
+                 health: str = "/health"):
+        self.app_factory, self.what, self.health = app_factory, what, health
         self.host, self.port, self.log_level = host, port, log_level
         self.startup_timeout, self.stop_timeout = startup_timeout, stop_timeout
         self._server: uvicorn.Server | None = None
@@ -58,12 +59,12 @@ class AppThread:
             if not self._thread.is_alive():
                 raise RuntimeError(f"{self.what} on {self.url} exited during startup; see its log above")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}{self.health}", timeout=2.0).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             self._thread.join(timeout=0.02)  # the wait between polls; returns early if the server died
-        raise TimeoutError(f"{self.what} on {self.url} did not answer /health within {self.startup_timeout} s")
+        raise TimeoutError(f"{self.what} on {self.url} did not answer {self.health} within {self.startup_timeout} s")
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._server is not None and self._thread is not None:

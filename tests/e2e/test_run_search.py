@@ -83,7 +83,7 @@ def test_the_policy_searches_in_every_step_and_reads_the_results(default_run):
     shown = "<information>" if scenario == "search-r1" else "<tool_response>"
     retrieved = [r for r in rows if shown in r["response"]]
     # a malformed tool call is answered with an error instead of documents
-    with_documents = [r for r in retrieved if "Doc 1(Title: " in r["response"]]
+    with_documents = [r for r in retrieved if 'Doc 1(Title: "' in r["response"]]
     assert len(with_documents) >= len(retrieved) / 2 > 0, (len(with_documents), len(retrieved))
     rewarded = [r for r in rows if r["reward"] > 0]
     assert rewarded, "no episode answered correctly"

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from agentbench_npu.errors import UserError
+from agentbench_npu.http_thread import AppThread
 from agentbench_npu.retrieval.corpus import load_corpus
 from agentbench_npu.retrieval.index import MANIFEST, build_index, open_searcher
 from agentbench_npu.retrieval.server import MAX_QUERIES, server_thread
@@ -113,6 +114,15 @@ def test_search_r1_trainer_payload_as_raw_bytes(client):
     assert [row[0]["document"]["id"] for row in result] == ["21", "5"] and all(len(row) == 3 for row in result)
 
 
+def test_a_blank_query_is_answered_so_one_rollouts_empty_search_does_not_fail_the_batch(client):
+    """Search-R1's trainer sends every rollout's query in one request; `<search></search>` sends ""."""
+    response = client.post("/retrieve", json={"queries": ["ok", "   ", ""], "topk": 2, "return_scores": True})
+    assert response.status_code == 200
+    result = response.json()["result"]
+    assert [len(row) for row in result] == [2, 2, 2]
+    assert all(item["score"] == 0.0 for row in result[1:] for item in row)
+
+
 def test_health_names_the_retriever_and_corpus_size(client):
     assert client.get("/health").json() == {"status": "ok", "retriever": "bm25", "documents": 50,
                                             "default_topk": DEFAULT_TOPK}
@@ -120,7 +130,6 @@ def test_health_names_the_retriever_and_corpus_size(client):
 
 @pytest.mark.parametrize("content, field", [
     (json.dumps({"queries": []}), "queries"),
-    (json.dumps({"queries": ["ok", "   "]}), "queries[1]"),
     (json.dumps({"queries": ["ok", 7]}), "queries[1]"),
     (json.dumps({"queries": ["ok"] * (MAX_QUERIES + 1)}), "queries"),
     (json.dumps({"queries": ["ok"], "topk": 0}), "topk"),
@@ -129,7 +138,7 @@ def test_health_names_the_retriever_and_corpus_size(client):
     (json.dumps({"queries": ["ok"], "return_scores": "yes"}), "return_scores"),
     ('{"queries": ["ok"], "topk": ', "JSON"),
     (json.dumps([{"queries": ["ok"]}]), "object"),
-], ids=["no-queries", "blank-query", "non-string-query", "too-many-queries", "topk-0", "topk-huge", "topk-string",
+], ids=["no-queries", "non-string-query", "too-many-queries", "topk-0", "topk-huge", "topk-string",
         "return-scores-string", "malformed-json", "array-body"])
 def test_bad_input_gets_a_4xx_with_a_one_line_detail_naming_the_field_and_the_server_keeps_answering(
         client, content, field):
@@ -175,6 +184,19 @@ def test_dense_retriever_returns_the_semantically_nearest_document(tmp_path):
             "a musical instrument you play with keys"], "topk": 2, "return_scores": True}, timeout=60).json()["result"]
     assert [row[0]["document"]["id"] for row in result] == ["cat", "volcano", "piano"]
     assert all(row[0]["score"] > row[1]["score"] for row in result)
+
+
+@needs_dense
+def test_a_dense_index_keeps_its_prefixes_and_refuses_another_encoder(tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs(5))
+    built = build_index(corpus, "dense", tmp_path / "idx", prefixes=("query: ", "passage: "))
+    reloaded = open_searcher(corpus, "dense", tmp_path / "idx", on_build=fail_if_built)
+    assert (reloaded.retriever.query_prefix, reloaded.retriever.passage_prefix) == ("query: ", "passage: ")
+    assert reloaded.search(["x"], 2)[0][0][1] == pytest.approx(built.search(["x"], 2)[0][0][1], abs=1e-5)
+    other = tmp_path / "other-encoder"
+    other.mkdir()
+    with pytest.raises(UserError, match="was encoded by .* not .*other-encoder"):
+        open_searcher(corpus, "dense", tmp_path / "idx", model=str(other))
 
 
 # -- indexes on disk ---------------------------------------------------------------------------------------
@@ -273,6 +295,33 @@ def test_lines_split_only_at_newlines_so_unicode_separators_stay_inside_a_docume
     rows = [{"id": "1", "contents": '"T"\nbefore\u2028after\u0085end'}, {"id": "2", "contents": '"U"\nplain'}]
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
     assert list(load_corpus(path).records) == rows
+
+
+def search_r1_style_app():
+    """A stand-in for Search-R1's own retrieval server: POST /retrieve only, no /health (GET /ready is for
+    AppThread's start-up wait, which Search-R1's server does not have either)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/ready")
+    def ready() -> dict:
+        return {}
+
+    @app.post("/retrieve")
+    def retrieve(body: dict) -> dict:
+        return {"result": [[{"document": {"id": "0", "contents": '"T"\nfound'}, "score": 1.0}] for _ in body["queries"]]}
+
+    return app
+
+
+def test_search_service_takes_search_r1s_own_server_given_by_its_endpoint_url():
+    """Search-R1 recipes name the endpoint (…/retrieve), and its server has no /health: both must work."""
+    with AppThread(search_r1_style_app, "search-r1 stand-in", health="/ready") as server:
+        service = SearchService(url=f"{server.url}/retrieve")
+        assert service.describe()["url"] == server.url and service.describe()["external"] is True
+        with service as client:
+            assert asyncio.run(client.retrieve(["q1", "q2"], 1)) == [[{"id": "0", "contents": '"T"\nfound'}]] * 2
 
 
 # -- SearchService -----------------------------------------------------------------------------------------

@@ -98,8 +98,10 @@ def searcher():
 
 # -- expectations, written out independently of the plugin's rendering ------------------------------
 def doc_line(number: int, doc: dict[str, Any]) -> str:
+    """Search-R1's `_passages2string`: the first line as the title, quotes and all, then the rest."""
     title, text = doc["contents"].split("\n", 1)
-    return f"Doc {number}(Title: {title.strip(chr(34))}) {text}"
+    assert title.startswith('"'), "the shipped corpus quotes its titles, as wiki-18 does"
+    return f"Doc {number}(Title: {title}) {text}"
 
 
 def top_docs(searcher: Any, query: str, k: int = 3) -> list[dict[str, Any]]:
@@ -203,7 +205,7 @@ def test_a_search_reaches_the_server_and_its_top_documents_return_as_masked_info
     # the fact asked for is the best document, shown first, as Search-R1 renders documents
     assert top_docs(searcher, "price of item 101")[0]["id"] == "item-101-price"
     (info,) = env_texts(traj, tok)
-    assert info.startswith(f"\n\n<information>Doc 1(Title: item 101) The price of item 101 is {GOLD}.\nDoc 2(Title: ")
+    assert info.startswith(f"\n\n<information>Doc 1(Title: \"item 101\") The price of item 101 is {GOLD}.\nDoc 2(Title: \"")
     assert info == information_block(searcher, "price of item 101")
     # the policy's turns are trained with their log-probs; the documents between them are not
     (m1, turn1, lp1), (m2, obs, lp2), (m3, turn2, lp3) = runs(traj)
@@ -224,7 +226,7 @@ def test_the_policy_conditions_on_exactly_the_tokens_recorded_and_each_turn_stop
     policy = ScriptedPolicy(tok, ["<search> price of item 101 </search> text the engine never emits",
                                   f"<answer> {GOLD} </answer> nor this"])
     question = "Use the search. What is the price of item 101?"
-    traj = sr1_episode(tok, policy, search, question=question, max_new_tokens=20, max_response_tokens=125)
+    traj = sr1_episode(tok, policy, search, question=question, max_new_tokens=20, max_response_tokens=131)
     first, second = policy.requests
     assert list(first.input_ids) == traj.prompt_ids == render_chat(tok, [{"role": "user", "content": question}])
     assert list(second.input_ids) == traj.prompt_ids + traj.response_ids[:-len(policy.outputs[1])]
@@ -237,7 +239,7 @@ def test_the_policy_conditions_on_exactly_the_tokens_recorded_and_each_turn_stop
     assert policy.outputs[1][-1] == tok.convert_tokens_to_ids("</answer>")
     # the second turn may only use what the first turn and the documents left of the response budget
     obs = runs(traj)[1][1]
-    assert second.sampling.max_new_tokens == min(20, 125 - len(policy.outputs[0]) - len(obs)) < 20
+    assert second.sampling.max_new_tokens == min(20, 131 - len(policy.outputs[0]) - len(obs)) < 20
 
 
 def test_the_instruction_option_goes_before_the_question_in_the_user_turn(tok, search):
@@ -299,7 +301,7 @@ def test_step_metrics_count_searches_answers_and_invalid_actions_exactly(tok, se
     ]
     batch = []
     for turns, max_turns in scripts:
-        traj = sr1_episode(tok, ScriptedPolicy(tok, turns), search, max_turns=max_turns)
+        traj = sr1_episode(tok, ScriptedPolicy(tok, turns), search, max_turns=max_turns, max_response_tokens=512)
         SR1.reward(PRICE, traj)
         batch.append(traj)
     assert [t.metadata["actions"] for t in batch] == [["invalid", "search", "answer"], ["invalid", "invalid"],
@@ -350,7 +352,7 @@ def test_two_tool_calls_of_a_turn_go_to_the_server_in_one_request_and_return_as_
     expected = tool_response_turn([shown_docs(searcher, "price of item 101"), shown_docs(searcher, "code of item 101")])
     assert env_texts(traj, tok) == [expected]
     assert expected == tool_turn([shown_docs(searcher, "price of item 101"), shown_docs(searcher, "code of item 101")])
-    assert expected.startswith(f"\n<|im_start|>user\n<tool_response>\nDoc 1(Title: item 101) The price of item 101 "
+    assert expected.startswith(f"\n<|im_start|>user\n<tool_response>\nDoc 1(Title: \"item 101\") The price of item 101 "
                                f"is {GOLD}.\n")
     (m1, turn1, lp1), (m2, _, lp2), (m3, turn2, lp3) = runs(traj)
     assert (m1, m2, m3) == (1, 0, 1) and [turn1, turn2] == [list(o) for o in policy.outputs]

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from agentbench_npu.datasets import load_jsonl_tasks, take
+from agentbench_npu.datasets import load_jsonl_tasks, read_rows, take
 from agentbench_npu.errors import UserError
 from agentbench_npu.types import Task
 
@@ -136,3 +136,37 @@ def test_taking_in_pieces_from_a_cursor_resumes_exactly_where_it_left_off():
 
 def test_take_of_zero_tasks_is_empty():
     assert take(TASKS, seed=0, cursor=5, count=0) == []
+
+
+# -- read_rows: the row reader scenario loaders share ------------------------------------------------------
+def read(path) -> list:
+    return read_rows(str(path), "task.qa", 'set task.qa=""', "pkg[parquet]")
+
+
+def test_read_rows_names_each_row_by_file_and_line_item_or_row(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"q": 1}\n\n{"q": 2}\n')
+    assert read(tmp_path / "a.jsonl") == [(f"{tmp_path}/a.jsonl:1", {"q": 1}), (f"{tmp_path}/a.jsonl:3", {"q": 2})]
+    (tmp_path / "b.json").write_text('[{"q": 1}, {"q": 2}]')
+    assert [where for where, _ in read(tmp_path / "b.json")] == [f"{tmp_path}/b.json:item 1", f"{tmp_path}/b.json:item 2"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"q": [1, 2]}), tmp_path / "c.parquet")
+    assert read(tmp_path / "c.parquet") == [(f"{tmp_path}/c.parquet:row 1", {"q": 1}), (f"{tmp_path}/c.parquet:row 2", {"q": 2})]
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("missing.jsonl", None, "task.qa '{path}' does not exist; give a JSONL or parquet file, or set task.qa=\"\""),
+    ("empty.jsonl", b"\n\n", "task.qa '{path}' has no rows; set task.qa=\"\""),
+    ("bad.jsonl", b'{"q": 1}\n{"q": \n', "{path}:2: not valid JSON"),
+    ("latin1.jsonl", '{"q": "caf\xe9"}\n'.encode("latin-1"), "{path}: not UTF-8 text"),
+    ("corrupt.parquet", b"not parquet at all", "task.qa '{path}' is not a readable parquet file"),
+], ids=["missing", "empty", "invalid-json", "not-utf8", "corrupt-parquet"])
+def test_read_rows_refuses_bad_files_with_one_line_naming_the_file(tmp_path, name, content, says):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UserError) as caught:
+        read(path)
+    message = str(caught.value)
+    assert message.startswith(says.format(path=path)) and "\n" not in message, message

@@ -13,6 +13,8 @@ _CORPUS = click.option("--corpus", required=True, metavar="FILE",
 _RETRIEVER = click.option("--retriever", default="bm25", show_default=True, type=click.Choice(RETRIEVERS))
 _ENCODER = click.option("--encoder", default="", metavar="DIR",
                         help="dense: a local sentence-encoder directory (default: all-MiniLM-L6-v2, extra 'dense')")
+_PREFIXES = click.option("--prefixes", nargs=2, default=("", ""), metavar="QUERY PASSAGE",
+                         help="dense: text put before queries and passages, e.g. 'query: ' 'passage: ' for e5")
 
 
 @click.command("search-server")
@@ -21,6 +23,7 @@ _ENCODER = click.option("--encoder", default="", metavar="DIR",
               help="load the index saved here; build and save it first if the directory is new")
 @_RETRIEVER
 @_ENCODER
+@_PREFIXES
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--topk", default=3, show_default=True, type=click.IntRange(min=1), help="for requests that give none")
@@ -28,8 +31,8 @@ _ENCODER = click.option("--encoder", default="", metavar="DIR",
               help="CPU threads per query (torch, faiss): 1 keeps latency steady beside a trainer")
 @click.option("--max-topk", default=1000, show_default=True, type=click.IntRange(min=1),
               help="larger requests get a 422")
-def search_server(corpus: str, index_dir: str | None, retriever: str, encoder: str, host: str, port: int,
-                  topk: int, threads: int, max_topk: int) -> None:
+def search_server(corpus: str, index_dir: str | None, retriever: str, encoder: str, prefixes: tuple[str, str],
+                  host: str, port: int, topk: int, threads: int, max_topk: int) -> None:
     """Serve a corpus over Search-R1's API: POST /retrieve, GET /health."""
     import uvicorn
 
@@ -40,7 +43,8 @@ def search_server(corpus: str, index_dir: str | None, retriever: str, encoder: s
         raise click.BadParameter(f"--topk {topk} is above --max-topk {max_topk}", param_hint="--topk")
     started = time.perf_counter()
     searcher = open_searcher(corpus, retriever, index_dir, encoder,
-                             on_build=lambda: click.echo(f"building the {retriever} index into {index_dir}", err=True))
+                             on_build=lambda: click.echo(f"building the {retriever} index into {index_dir}", err=True),
+                             prefixes=prefixes)
     set_threads(threads)  # after a build, which encodes with every core
     click.echo(f"{len(searcher.corpus)} documents ({retriever}) ready in {time.perf_counter() - started:.1f} s; "
                f"POST http://{host}:{port}/retrieve", err=True)
@@ -65,11 +69,12 @@ def set_threads(threads: int) -> None:
 @click.option("--index", "index_dir", required=True, metavar="DIR", help="where to save it (replaced atomically)")
 @_RETRIEVER
 @_ENCODER
-def search_index(corpus: str, index_dir: str, retriever: str, encoder: str) -> None:
+@_PREFIXES
+def search_index(corpus: str, index_dir: str, retriever: str, encoder: str, prefixes: tuple[str, str]) -> None:
     """Build a retrieval index of a corpus and save it, for `search-server --index`."""
     from .index import build_index
 
     started = time.perf_counter()
-    searcher = build_index(corpus, retriever, index_dir, encoder)
+    searcher = build_index(corpus, retriever, index_dir, encoder, prefixes)
     click.echo(f"indexed {len(searcher.corpus)} documents ({retriever}) into {index_dir} in "
                f"{time.perf_counter() - started:.1f} s")

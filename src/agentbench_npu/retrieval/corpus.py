@@ -27,12 +27,6 @@ class Corpus:
         return [r["contents"] for r in self.records]
 
 
-def split_title(contents: str) -> tuple[str, str]:
-    """Search-R1's convention: the first line is the title (often in double quotes), the rest the text."""
-    title, _, text = contents.partition("\n")
-    return title.strip().strip('"'), text.strip()
-
-
 def load_corpus(path: str | Path) -> Corpus:
     """Every line a JSON object with a non-empty string `contents`; errors name file:line and what to fix."""
     file = Path(path).absolute()
@@ -44,33 +38,40 @@ def load_corpus(path: str | Path) -> Corpus:
     return _load(str(file), stamp)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def _load(path: str, stamp: tuple[int, int, int] | None) -> Corpus:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"corpus '{path}' does not exist; give a JSONL file with one "
                         '{"id": ..., "contents": ...} per line')
-    raw = file.read_bytes()
     records: list[dict[str, Any]] = []
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{where}: expected an object with 'contents'")
-        contents = row.get("contents")
-        if contents is None and isinstance(row.get("text"), str):  # {"title", "text"}: the DPR / wiki layout
-            contents = f'"{row.get("title", "")}"\n{row["text"]}'
-            row = {**row, "contents": contents}
-        if not isinstance(contents, str) or not contents.strip():
-            raise UserError(f"{where}: 'contents' is missing or empty; every document needs text "
-                            "(\"Title\"\\ntext, or 'title' and 'text')")
-        row.setdefault("id", str(len(records)))
-        records.append(row)
+    digest = hashlib.sha256()
+    with file.open("rb") as f:  # line by line: a wiki-sized file is never in memory twice
+        for number, raw_line in enumerate(f, start=1):  # binary lines end at b"\n" only, not at U+2028
+            digest.update(raw_line)
+            record = _record(f"{path}:{number}", raw_line.decode("utf-8", errors="replace"), len(records))
+            if record is not None:
+                records.append(record)
     if not records:
         raise UserError(f"corpus '{path}' has no documents")
-    return Corpus(path=path, records=tuple(records), digest=hashlib.sha256(raw).hexdigest())
+    return Corpus(path=path, records=tuple(records), digest=digest.hexdigest())
+
+
+def _record(where: str, line: str, index: int) -> dict[str, Any] | None:
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with 'contents'")
+    contents = row.get("contents")
+    if contents is None and isinstance(row.get("text"), str):  # {"title", "text"}: the DPR / wiki layout
+        contents = f'"{row.get("title", "")}"\n{row["text"]}'
+        row = {**row, "contents": contents}
+    if not isinstance(contents, str) or not contents.strip():
+        raise UserError(f"{where}: 'contents' is missing or empty; every document needs text "
+                        "(\"Title\"\\ntext, or 'title' and 'text')")
+    row.setdefault("id", str(index))
+    return row

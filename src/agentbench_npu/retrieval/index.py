@@ -39,13 +39,14 @@ class Searcher:
                 for row, row_scores in zip(ids, scores)]
 
 
-def _build(corpus: Corpus, kind: str, model: str) -> Any:
+def _build(corpus: Corpus, kind: str, model: str, prefixes: tuple[str, str]) -> Any:
     if kind == "bm25":
         return BM25Retriever.build(corpus.texts())
     if kind == "dense":
         from .dense import DenseRetriever
 
-        return DenseRetriever.build(corpus.texts(), model_dir=model)
+        return DenseRetriever.build(corpus.texts(), model_dir=model, query_prefix=prefixes[0],
+                                    passage_prefix=prefixes[1])
     raise UserError(f"unknown retriever '{kind}'; choose one of {', '.join(RETRIEVERS)}")
 
 
@@ -58,11 +59,15 @@ def _check_replaceable(path: Path) -> None:
                         "give an empty or new directory")
 
 
-def build_index(corpus_path: str | Path, kind: str, directory: str | Path, model: str = "") -> Searcher:
-    """Build and persist an index, replacing whatever index `directory` held only once the new one is complete."""
+def build_index(corpus_path: str | Path, kind: str, directory: str | Path, model: str = "",
+                prefixes: tuple[str, str] = ("", "")) -> Searcher:
+    """Build and persist an index, replacing whatever index `directory` held only once the new one is complete.
+
+    `model` is the dense encoder's directory; `prefixes` (query, passage) are what e5-style encoders expect,
+    e.g. ("query: ", "passage: ")."""
     _check_replaceable(Path(directory).absolute())
     corpus = load_corpus(corpus_path)
-    retriever = _build(corpus, kind, model)
+    retriever = _build(corpus, kind, model, prefixes)
     with atomic_directory(Path(directory).absolute()) as staging:
         retriever.save(staging)
         (staging / MANIFEST).write_text(json.dumps({
@@ -72,20 +77,21 @@ def build_index(corpus_path: str | Path, kind: str, directory: str | Path, model
 
 
 def open_searcher(corpus_path: str | Path, kind: str = "bm25", directory: str | Path | None = None,
-                  model: str = "", on_build: Callable[[], None] | None = None) -> Searcher:
+                  model: str = "", on_build: Callable[[], None] | None = None,
+                  prefixes: tuple[str, str] = ("", "")) -> Searcher:
     """Load the index in `directory` if it is there (and of this corpus), else build it (and save it there)."""
     if kind not in RETRIEVERS:
         raise UserError(f"unknown retriever '{kind}'; choose one of {', '.join(RETRIEVERS)}")
     corpus = load_corpus(corpus_path)
     if directory is None:
-        return Searcher(corpus, _build(corpus, kind, model))
+        return Searcher(corpus, _build(corpus, kind, model, prefixes))
     path = Path(directory)
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
         _check_replaceable(path)
         if on_build is not None:
             on_build()
-        return build_index(corpus_path, kind, path, model)
+        return build_index(corpus_path, kind, path, model, prefixes)
     try:
         manifest = json.loads(manifest_file.read_text())
     except (OSError, ValueError) as exc:
@@ -93,10 +99,14 @@ def open_searcher(corpus_path: str | Path, kind: str = "bm25", directory: str | 
                         f"search-index --corpus {corpus.path} --index {path} --retriever {kind}") from None
     if manifest.get("retriever") != kind:
         raise UserError(f"index '{path}' is a {manifest.get('retriever')} index; pass --retriever "
-                        f"{manifest.get('retriever')} or another --index")
+                        f"{manifest.get('retriever')}, another --index, or rebuild it: agentbench-npu search-index "
+                        f"--corpus {corpus.path} --index {path} --retriever {kind}")
     if manifest.get("corpus_digest") != corpus.digest:
         raise UserError(f"index '{path}' was built from another corpus ({manifest.get('corpus')}); rebuild it: "
                         f"agentbench-npu search-index --corpus {corpus.path} --index {path} --retriever {kind}")
+    if model and Path(str(manifest.get("encoder"))).resolve() != Path(model).resolve():
+        raise UserError(f"index '{path}' was encoded by {manifest.get('encoder')}, not {model}; drop --encoder to "
+                        "use it, or rebuild it with agentbench-npu search-index")
     if kind == "bm25":
         return Searcher(corpus, BM25Retriever.load(path, len(corpus)))
     from .dense import DenseRetriever

@@ -4,7 +4,9 @@ Request  {"queries": ["..."], "topk": 3, "return_scores": false}    (topk null o
 Response {"result": [[doc, ...], ...]}                                one list per query, best first
          {"result": [[{"document": doc, "score": s}, ...], ...]}    with return_scores
 `doc` is the corpus record as the file gives it ({"id", "contents", ...}). Bad requests get a 4xx whose
-`detail` is one line naming the field; the server stays up. Other fields are ignored, as Search-R1's
+`detail` is one line naming the field; the server stays up. A blank query is answered (with zero scores
+under BM25), as Search-R1's server answers it: its trainer sends every rollout's query in one request, and a
+policy's empty `<search></search>` must not fail the whole batch. Other fields are ignored, as Search-R1's
 server ignores them.
 """
 
@@ -22,6 +24,7 @@ from .index import Searcher
 
 MAX_QUERIES = 4096
 MAX_QUERY_CHARS = 8192
+MAX_TOPK = 1000
 
 
 class BadRequest(ValueError):
@@ -40,8 +43,6 @@ def parse_request(payload: Any, default_topk: int, max_topk: int) -> tuple[list[
     for i, query in enumerate(queries):
         if not isinstance(query, str):
             raise BadRequest(f"queries[{i}] must be a string, not {type(query).__name__}")
-        if not query.strip():
-            raise BadRequest(f"queries[{i}] is empty; every query needs some text")
         if len(query) > MAX_QUERY_CHARS:
             raise BadRequest(f"queries[{i}] has {len(query)} characters; the limit is {MAX_QUERY_CHARS}")
     topk = payload.get("topk")
@@ -55,7 +56,7 @@ def parse_request(payload: Any, default_topk: int, max_topk: int) -> tuple[list[
     return queries, topk, scores
 
 
-def make_app(searcher: Searcher, *, default_topk: int = 3, max_topk: int = 1000) -> FastAPI:
+def make_app(searcher: Searcher, *, default_topk: int = 3, max_topk: int = MAX_TOPK) -> FastAPI:
     app = FastAPI(title="agentbench-npu retrieval", docs_url=None, redoc_url=None)
 
     @app.get("/health")
@@ -86,7 +87,7 @@ def make_app(searcher: Searcher, *, default_topk: int = 3, max_topk: int = 1000)
 
 
 def server_thread(searcher: Searcher, host: str = "127.0.0.1", port: int = 0, *, default_topk: int = 3,
-                  max_topk: int = 1000) -> AppThread:
+                  max_topk: int = MAX_TOPK) -> AppThread:
     """The server on a background thread; `with server_thread(s) as srv: srv.url` (port 0 picks a free one)."""
     return AppThread(lambda: make_app(searcher, default_topk=default_topk, max_topk=max_topk),
                      "retrieval server", host, port)

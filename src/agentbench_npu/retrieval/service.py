@@ -10,7 +10,7 @@ from ..http_thread import AppThread
 from .client import SearchClient
 from .corpus import load_corpus
 from .index import RETRIEVERS, open_searcher
-from .server import server_thread
+from .server import MAX_TOPK, server_thread
 
 
 class SearchService:
@@ -21,9 +21,12 @@ class SearchService:
 
     def __init__(self, *, url: str = "", corpus: str | Path = "", retriever: str = "bm25", index: str = "",
                  encoder: str = "", topk: int = 3):
-        self.url, self.retriever, self.index, self.encoder, self.topk = url.rstrip("/"), retriever, index, encoder, topk
+        self.url = SearchClient(url).url if url else ""
+        self.retriever, self.index, self.encoder, self.topk = retriever, index, encoder, topk
         self.corpus = str(corpus)
         self.info: dict[str, Any] = {}
+        if not 1 <= int(topk) <= MAX_TOPK:
+            raise UserError(f"task.topk must be from 1 to {MAX_TOPK}, got {topk}")
         if url:
             self.info = {"url": self.url, "external": True, **SearchClient(self.url).check()}
         else:
@@ -36,13 +39,15 @@ class SearchService:
                 _faiss()
                 if not encoder:
                     default_model_dir()
+                elif not (Path(encoder) / "config.json").is_file():
+                    raise UserError(f"task.encoder '{encoder}' is not a model directory (no config.json)")
         self._server: AppThread | None = None
 
     def __enter__(self) -> SearchClient:
         if self.url:
             return SearchClient(self.url)
         searcher = open_searcher(self.corpus, self.retriever, self.index or None, self.encoder)
-        self._server = server_thread(searcher, default_topk=self.topk)
+        self._server = server_thread(searcher, default_topk=self.topk, max_topk=MAX_TOPK)
         self._server.__enter__()
         self.info = {"url": self._server.url, "external": False, "retriever": searcher.kind,
                      "documents": len(searcher.corpus), "corpus": searcher.corpus.path}

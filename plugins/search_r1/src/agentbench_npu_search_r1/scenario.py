@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -12,9 +13,9 @@ from typing import Any, Mapping
 from agentbench_npu.datasets import take
 from agentbench_npu.errors import MissingExtraError, UserError
 from agentbench_npu.recipes import Layer, load_toml
-from agentbench_npu.retrieval.client import passages
+from agentbench_npu.retrieval.client import SearchClient, passages
 from agentbench_npu.retrieval.corpus import load_corpus
-from agentbench_npu.retrieval.index import Searcher, open_searcher
+from agentbench_npu.retrieval.index import open_searcher
 from agentbench_npu.retrieval.service import SearchService
 from agentbench_npu.scenario import RolloutContext
 from agentbench_npu.types import Task, Trajectory
@@ -84,11 +85,18 @@ class _SearchScenario:
         """
         rng = random.Random(f"{self.name}-demos:{seed}")
         tasks = self._all_tasks(options)
-        searcher: Searcher = open_searcher(self._corpus(options), str(options["retriever"]),
-                                           str(options["index"]) or None, str(options["encoder"]))
+        topk = int(options["topk"])
+        if options["search_url"]:  # the server the run will search, so demos show what rollouts will see
+            client = SearchClient(str(options["search_url"]))
 
-        def top(query: str) -> list[dict]:
-            return [doc for doc, _ in searcher.search([query], int(options["topk"]))[0]]
+            def top(query: str) -> list[dict]:
+                return asyncio.run(client.retrieve([query], topk))[0]
+        else:
+            searcher = open_searcher(self._corpus(options), str(options["retriever"]), str(options["index"]) or None,
+                                     str(options["encoder"]))
+
+            def top(query: str) -> list[dict]:
+                return [doc for doc, _ in searcher.search([query], topk)[0]]
 
         def fact(doc: dict) -> str:
             return doc["contents"].rstrip(".").split()[-1]
