@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,8 @@ import httpx
 import pytest
 
 from agentbench_npu_search_r1.kb import shipped_paths
+
+from tests.support.servers import cli_server
 
 pytestmark = pytest.mark.slow
 
@@ -98,36 +98,15 @@ def test_the_report_carries_the_scenarios_action_rates(default_run):
 
 
 # -- an external server, the dense retriever ------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_search_r1_uses_an_external_server_given_by_url(cli, tmp_path):
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "agentbench_npu", "search-server", "--corpus",
-                               str(shipped_paths()[0]), "--port", str(port)], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.stderr else ""
-            time.sleep(0.1)  # a poll interval, not a timing assumption
+    with cli_server("search-server", "--corpus", str(shipped_paths()[0])) as (url, server):
         proc = cli("run", "search-r1", "--steps", "1", "--gates", "none", "--out", "run", "-q",
-                   "--set", f"task.search_url=http://127.0.0.1:{port}", "--set", "warm_start.steps=0",
+                   "--set", f"task.search_url={url}", "--set", "warm_start.steps=0",
                    "--set", "rollout.prompts_per_step=2", timeout=1200)
         report = passed_report(tmp_path / "run", proc)
         assert report["environment"]["services"]["search"]["external"] is True
-        assert report["environment"]["services"]["search"]["url"] == f"http://127.0.0.1:{port}"
+        assert report["environment"]["services"]["search"]["url"] == url
         assert server.poll() is None, "the runner must not stop a server it did not start"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_search_agent_runs_over_the_dense_retriever(cli, tmp_path):

