@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import resolve
-from .recipes import Layer, load_toml, parse_set, profile_layer
+from .recipes import Layer, load_toml, parse_set, profile_layer, split_profiles
 from .errors import UserError, one_line
 from .plugins import KINDS, Plugins, load_plugins
 
@@ -60,7 +60,11 @@ def cli() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="any recipe key, e.g. train.lr=1e-4")
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="where trainer and engine run (default local)")
 @click.option("--ray-address", help="a running Ray cluster: auto or HOST:PORT (default: start a local one)")
-@click.option("--mode", type=click.Choice(["colocate", "disaggregated"]), help="share devices or split them")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(["train", "eval", "colocate", "disaggregated"]),
+              help="train (default) or eval (rollout and scoring only: pass^k per task); colocate (default) or "
+                   "disaggregated (trainer and engine on separate devices). Give it twice for both")
+@click.option("--policy", type=click.Choice(["model", "gold"]),
+              help="model (default), or gold: replay the scenario's gold actions (with --mode eval)")
 @click.option("--train-devices", type=int, help="data-parallel trainer ranks (ray)")
 @click.option("--rollout-devices", type=int, help="engine workers (ray)")
 @click.option("--gates", "gates", metavar="all|none|NAME,...", help="gates to evaluate (default: all that apply)")
@@ -71,8 +75,8 @@ def cli() -> None:
 @click.pass_context
 def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, steps: int | None,
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
-        overrides: tuple[str, ...], executor: str | None, ray_address: str | None, mode: str | None,
-        train_devices: int | None, rollout_devices: int | None, gates: str | None, sandbox: str | None,
+        overrides: tuple[str, ...], executor: str | None, ray_address: str | None, modes: tuple[str, ...],
+        policy: str | None, train_devices: int | None, rollout_devices: int | None, gates: str | None, sandbox: str | None,
         faults: tuple[str, ...], quiet: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
@@ -82,12 +86,15 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
 
     plugins = _plugins(ctx)
     entry = plugins.get("scenario", scenario)
-    layers: list[Layer] = [entry.obj.recipe()]
+    run_mode, mode = _split_modes(modes)
+    own, per_profile = split_profiles(entry.obj.recipe())
+    layers: list[Layer] = [own]
     flags: dict[str, dict[str, Any]] = {}
     for section, key, value in (("run", "device", device), ("model", "name", model), ("run", "steps", steps),
                                 ("run", "seed", seed), ("gates", "enabled", gates),
                                 ("run", "faults", list(faults) or None), ("cluster", "executor", executor),
                                 ("cluster", "ray_address", ray_address), ("cluster", "mode", mode),
+                                ("run", "mode", run_mode), ("run", "policy", policy),
                                 ("cluster", "train_devices", train_devices),
                                 ("cluster", "rollout_devices", rollout_devices), ("sandbox", "backend", sandbox)):
         if value is not None:
@@ -96,6 +103,8 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     chosen_profile = profile or _default_profile(layers + user_layers)
     if chosen_profile:
         layers.append(profile_layer(chosen_profile))
+        if chosen_profile in per_profile:
+            layers.append(per_profile[chosen_profile])
     task_defaults = dict(layers[0].values.get("task", {}))
     config = resolve(entry.name, layers + user_layers, task_defaults)
     config = dataclasses.replace(config, profile=chosen_profile or "")
@@ -108,6 +117,17 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     report = runner.execute()
     _print_summary(report)
     ctx.exit(EXIT_OK if report["status"] == "passed" else EXIT_GATE_FAILED)
+
+
+def _split_modes(modes: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """`--mode` values as (run.mode, cluster.mode): what the run does, and how trainer and engine are placed."""
+    chosen: dict[str, str] = {}
+    for value in modes:
+        kind = "run" if value in ("train", "eval") else "cluster"
+        if chosen.get(kind, value) != value:
+            raise UserError(f"--mode given both '{chosen[kind]}' and '{value}'; give one of them")
+        chosen[kind] = value
+    return chosen.get("run"), chosen.get("cluster")
 
 
 def _default_profile(layers: list[Layer]) -> str:

@@ -29,6 +29,8 @@ class RunSection:
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     out: str = ""
     faults: list = field(default_factory=list)  # injected faults (gates/faults.py), for proving gates
+    mode: str = "train"  # train (rollout + GRPO step + sync) | eval (rollout and scoring only, pass^k per task)
+    policy: str = "model"  # model (the engine samples) | gold (replay the scenario's gold actions; eval only)
 
 
 @dataclass(frozen=True)
@@ -307,11 +309,15 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
     for path in _NON_NEGATIVE:
         if get(path) < 0:
             raise ConfigError(f"{path} must be >= 0, got {get(path)}")
-    for path, choices in (("cluster.executor", ("local", "ray")), ("cluster.mode", ("colocate", "disaggregated")),
+    for path, choices in (("run.mode", ("train", "eval")), ("run.policy", ("model", "gold")),
+                          ("cluster.executor", ("local", "ray")), ("cluster.mode", ("colocate", "disaggregated")),
                           ("cluster.placement", ("pack", "spread")), ("rollout.batching", ("lockstep", "free")),
                           ("sandbox.isolation", ("auto", "namespaces", "rlimits"))):
         if get(path) not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(choices)}; got '{get(path)}'")
+    if get("run.policy") == "gold" and get("run.mode") != "eval":
+        raise ConfigError("run.policy=gold replays gold actions, which there is nothing to train on; "
+                          "use it with --mode eval")
     cluster = merged["cluster"]
     if cluster["executor"] == "local" and (cluster["mode"] != "colocate" or cluster["train_devices"] != 1
                                            or cluster["rollout_devices"] != 1):

@@ -97,6 +97,17 @@ def profile_layer(name: str) -> Layer:
     return layer
 
 
+def split_profiles(layer: Layer) -> tuple[Layer, dict[str, Layer]]:
+    """A scenario recipe's own settings, and its `[profiles.NAME.SECTION]` tables: what the scenario changes
+    when it runs under profile NAME (the tiny profile's warm start, say), applied right after that profile."""
+    values = dict(layer.values)
+    profiles = values.pop("profiles", {})
+    if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+        raise ConfigError(f"{layer.source}: 'profiles' must hold tables like [profiles.tiny.warm_start]")
+    return (Layer(values, layer.source, layer.text),
+            {name: Layer(body, f"{layer.source} [profiles.{name}]", "") for name, body in profiles.items()})
+
+
 def parse_set(items: list[str]) -> Layer:
     """`--set section.key=value` pairs → a layer of strings (typed later against the defaults)."""
     values: dict[str, Any] = {}

@@ -30,14 +30,15 @@ class RolloutBatch:
 async def collect(scenario: Any, engine: EngineClient, tokenizer: Any, tasks: Sequence[Task], *, step: int,
                   seed: int, samples_per_prompt: int, sampling: SamplingParams, options: Mapping[str, Any],
                   services: Mapping[str, Any] | None = None, sandboxes: Any = None,
-                  batching: str = "lockstep") -> RolloutBatch:
+                  batching: str = "lockstep", policy: str = "model") -> RolloutBatch:
     """Run every agent loop of the step; with `batching="lockstep"` they decode in timing-free waves."""
     lockstep = Lockstep(engine) if batching == "lockstep" else None
 
     async def one(task_index: int, task: Task, sample: int) -> list[Trajectory]:
         s = sample_seed(seed, step, task_index, sample)
         ctx = RolloutContext(engine=lockstep or engine, tokenizer=tokenizer, sampling=sampling.replace(seed=s),
-                             options=options, rng=random.Random(s), services=services or {}, sandboxes=sandboxes)
+                             options=options, rng=random.Random(s), services=services or {}, sandboxes=sandboxes,
+                             policy=policy)
         try:
             if lockstep is None:
                 produced = await scenario.rollout(ctx, task)
@@ -55,6 +56,7 @@ async def collect(scenario: Any, engine: EngineClient, tokenizer: Any, tasks: Se
             traj.group = step * 100_000 + task_index
             traj.task_id = traj.task_id or task.id
             traj.metadata.setdefault("sample", sample)
+            traj.metadata.setdefault("seed", s)
             traj.reward = float(scenario.reward(task, traj))
         return trajs
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import shutil
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +25,7 @@ from .config import RunConfig
 from .datasets import load_jsonl_tasks, take
 from .devices import Device, resolve_device
 from .errors import UserError, one_line
+from .evaluation import EvalRecord, logprob_mismatch
 from .executors import make_cluster, preflight
 from .models.loading import load_tokenizer, resolve_model_dir, torch_dtype
 from .gates.base import GateContext, evaluate_gates, select_gates, subprocess_rerun, thresholds_for
@@ -79,6 +82,8 @@ class Runner:
         # absolute: workers (Ray actors) write checkpoints from working directories of their own
         self.run = Run(config=config, scenario=self.scenario, out_dir=Path(out_dir).absolute())
         self._dataset: list[Task] | None = None
+        self._tasks_take_mode = "mode" in inspect.signature(self.scenario.tasks).parameters
+        self.evaluation = EvalRecord() if config.run.mode == "eval" else None
 
     # -- set-up: everything that can fail on bad input fails here, before the run dir exists --
     def prepare(self) -> None:
@@ -91,7 +96,12 @@ class Runner:
         else:
             # the scenario's own task source (a file named in [task], say) is input too: a bad one fails here,
             # not at the first step (tasks() is deterministic and cheap by contract)
-            self.scenario.tasks(c.task, c.run.seed, 0, 1)
+            self._scenario_tasks(0, 1)
+        if c.run.policy == "gold" and not getattr(self.scenario, "has_gold_policy", False):
+            with_gold = sorted(n for n, r in self.plugins.items("scenario").items()
+                               if getattr(r.obj, "has_gold_policy", False))
+            raise UserError(f"scenario '{c.scenario}' has no gold policy; --policy gold works with: "
+                            f"{', '.join(with_gold) or 'no installed scenario'}")
         self.checkpoint: Checkpoint | None = load_checkpoint(self.resume_path) if self.resume_path else None
         if self.checkpoint is not None:
             start = self.checkpoint.step
@@ -136,7 +146,7 @@ class Runner:
             if not model_dir.is_dir():
                 model_dir = self.checkpoint.model_dir
             self.run.resumed_from = str(self.checkpoint.path)
-        elif c.warm_start.steps > 0 and hasattr(self.scenario, "demonstrations"):
+        elif c.warm_start.steps > 0 and hasattr(self.scenario, "demonstrations") and c.run.policy == "model":
             self.progress.phase("warm start", c.warm_start.steps)
             model_dir = ensure_warm_start(
                 self.base_model_dir, self.scenario, c.task, c.warm_start.__dict__, c.model.seed,
@@ -169,7 +179,7 @@ class Runner:
             self.service_clients[name] = self._services.enter_context(service)
             self.run.services_info[name] = service.describe() if hasattr(service, "describe") else {}
         self.start_step, self.cursor = int(state.get("step", 0)), int(state.get("cursor", 0))
-        first = self.cluster.sync_weights()
+        first = self.first_sync = self.cluster.sync_weights()
         if not first.checksums_match:
             raise UserError("the engine does not hold the trainer's initial weights (checksum mismatch)")
         self.probe = SyncProbe(self.scenario, c, self._dataset, self.tokenizer)
@@ -257,9 +267,14 @@ class Runner:
         if self._dataset is not None:
             tasks = take(self._dataset, c.run.seed, self.cursor, count)
         else:
-            tasks = self.scenario.tasks(c.task, c.run.seed, self.cursor, count)
+            tasks = self._scenario_tasks(self.cursor, count)
         self.cursor += count
         return tasks
+
+    def _scenario_tasks(self, cursor: int, count: int) -> list[Task]:
+        c = self.config
+        mode = {"mode": c.run.mode} if self._tasks_take_mode else {}
+        return self.scenario.tasks(c.task, c.run.seed, cursor, count, **mode)
 
     def _step(self, step: int) -> StepMetrics:
         c = self.config
@@ -272,13 +287,20 @@ class Runner:
             self.scenario, self.cluster.engine, self.tokenizer, tasks, step=step, seed=c.run.seed,
             samples_per_prompt=r.samples_per_prompt, sampling=sampling, options=c.task,
             sandboxes=getattr(self, "sandboxes", None), services=self.service_clients, batching=r.batching,
+            policy=c.run.policy,
         ))
         rollout_seconds = time.perf_counter() - t0
         trajs = batch.trajectories
         t1 = time.perf_counter()
-        train = self.cluster.train_step(trajs)
-        train_seconds = time.perf_counter() - t1
-        sync = self.cluster.sync_weights()
+        if self.evaluation is None:
+            train = self.cluster.train_step(trajs)
+            train_seconds = time.perf_counter() - t1
+            sync = self.cluster.sync_weights()
+        else:  # score only: the trainer's log-probs of the sampled tokens, no update, so nothing to sync
+            train = self._score(trajs)
+            train_seconds = time.perf_counter() - t1
+            sync = dataclasses.replace(self.first_sync, seconds=0.0, bytes=0, tensors=0, transport="none (eval)")
+            self.evaluation.add(step, trajs, self.scenario)
         probe = self.probe.measure(self.cluster)
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
         generated = sum(t.num_trainable for t in trajs)
@@ -314,6 +336,11 @@ class Runner:
             extra=extra,
         )
 
+    def _score(self, trajs: list) -> dict[str, Any]:
+        sampled = [t for t in trajs if t.num_trainable]
+        stats = logprob_mismatch(sampled, self.cluster.trainer_logprobs(sampled) if sampled else [])
+        return {"loss": 0.0, "entropy": 0.0, **stats}
+
     # -- records -------------------------------------------------------------------------------
     def _append_samples(self, step: int, trajs: list) -> None:
         lines = []
@@ -343,7 +370,7 @@ class Runner:
 
     def _checkpoint_due(self, done: int) -> bool:
         c = self.config.checkpoint
-        if not c.save:
+        if not c.save or self.config.run.mode == "eval":  # an eval run changes no weights
             return False
         return done == self.config.run.steps or (c.every > 0 and done % c.every == 0)
 
@@ -401,6 +428,8 @@ class Runner:
             "checkpoints": self.run.checkpoints,
             "summary": summarise(steps),
         }
+        if self.evaluation is not None:
+            report["evaluation"] = {"policy": self.config.run.policy, **self.evaluation.summary()}
         return report
 
 

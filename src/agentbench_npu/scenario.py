@@ -29,6 +29,10 @@ class Scenario(Protocol):
       uses_sandbox = True   the runner then starts the configured sandbox backend ([sandbox]) for the
                             run and agent loops open sandboxes with `ctx.sandbox()`
       step_metrics(trajectories) → {name: float} merged into each step's report row
+      tasks(..., mode=...)  a `mode` keyword gets the run's mode ("train" | "eval"), to pick a split
+      has_gold_policy = True  `--policy gold` is allowed: agent loops read `ctx.policy` and replay the task's
+                            gold actions instead of sampling (eval only; nothing sampled, nothing to train)
+      task_result(traj) → {column: value} for the per-task table of an eval run (report `evaluation.tasks`)
       services(options) → {name: context manager}: built at set-up (so bad input fails before the run starts),
                             entered before the first rollout, exited after the last step; what each yields
                             is `ctx.services[name]` (a search server's client, say). `describe()` on a service,
@@ -59,6 +63,7 @@ class RolloutContext:
     services: Mapping[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("agentbench_npu.rollout"))
     sandboxes: Any = None  # the run's SandboxProvider, when the scenario declares uses_sandbox
+    policy: str = "model"  # run.policy: "model" samples from the engine, "gold" replays the task's gold actions
 
     def sandbox(self) -> Any:
         """A new sandbox for this agent loop: `async with ctx.sandbox() as box: await box.exec(...)`."""

@@ -110,6 +110,12 @@ class Trajectory:
         self.loss_mask.extend([0] * len(ids))
         self.rollout_logprobs.extend([0.0] * len(ids))
 
+    def exclude_from_training(self, reason: str) -> None:
+        """Keep the trajectory for rewards and reports, but train on none of it (every loss-mask entry 0)."""
+        self.loss_mask = [0] * len(self.response_ids)
+        self.rollout_logprobs = [0.0] * len(self.response_ids)
+        self.metadata["excluded_from_training"] = reason
+
     @property
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.response_ids

@@ -450,7 +450,14 @@ def test_naming_a_gate_that_does_not_apply_is_a_user_error_saying_what_it_needs(
     with pytest.raises(UserError) as info:
         select_gates(builtin(), config(run={"steps": 1}, gates={"enabled": "checkpoint_continuity"}))
     assert str(info.value) == ("gate 'checkpoint_continuity' does not apply to this run: "
-                               "at least two steps and checkpoint.save = true")
+                               "a training run (--mode train) of at least two steps with checkpoint.save = true")
+
+
+def test_an_eval_run_has_no_continuity_gate_and_a_gold_run_no_logprob_gate():
+    eval_run = [g.name for g in select_gates(builtin(), config(run={"steps": 3, "mode": "eval"}))]
+    assert "checkpoint_continuity" not in eval_run and "logprob_alignment" in eval_run
+    gold = [g.name for g in select_gates(builtin(), config(run={"steps": 3, "mode": "eval", "policy": "gold"}))]
+    assert "logprob_alignment" not in gold and {"weight_sync", "reproducibility"} <= set(gold)
 
 
 def test_a_gate_whose_second_run_fails_is_a_failed_result_and_later_gates_still_run():

@@ -14,10 +14,10 @@ from .reproducibility import compare_steps
 class CheckpointContinuityGate:
     name = "checkpoint_continuity"
     description = "save at step N, resume in a new process: losses, rewards, weights and optimizer continue exactly"
-    requirement = "at least two steps and checkpoint.save = true"
+    requirement = "a training run (--mode train) of at least two steps with checkpoint.save = true"
 
     def applies(self, config: RunConfig) -> bool:
-        return config.run.steps >= 2 and config.checkpoint.save
+        return config.run.mode == "train" and config.run.steps >= 2 and config.checkpoint.save
 
     def split_step(self, config: RunConfig) -> int:
         wanted = config.gates.continuity_split or config.run.steps // 2

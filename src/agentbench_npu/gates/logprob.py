@@ -21,10 +21,10 @@ def _where(row: dict[str, Any]) -> str:
 class LogprobAlignmentGate:
     name = "logprob_alignment"
     description = "per step mean/max |train - rollout| log-prob over trainable tokens, k3 KL, spikes"
-    requirement = "at least one step"
+    requirement = "at least one step of a sampling policy (--policy gold samples nothing)"
 
     def applies(self, config: RunConfig) -> bool:
-        return config.run.steps >= 1
+        return config.run.steps >= 1 and config.run.policy == "model"
 
     def evaluate(self, ctx: GateContext) -> GateResult:
         t = ctx.thresholds

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..models.loading import load_causal_lm, load_tokenizer
+from ..conversation import chat_segments
 from ..paths import atomic_directory, cache_root
 
 WARM_START_VERSION = 1
@@ -29,8 +30,9 @@ def warm_start_dir(base: Path, scenario: str, options: Mapping[str, Any], settin
     return cache_root() / "warm-start" / f"{scenario}-{key}"
 
 
-# (messages, response) or (messages, response, tools): tools render into the prompt as the agent loop renders them
-Demonstration = tuple
+# (messages, response) or (messages, response, tools): tools render into the prompt as the agent loop renders them;
+# or {"messages": [...], "tools": [...]}: a whole chat, trained on its assistant turns
+Demonstration = Any
 
 
 def encode_demonstrations(tokenizer: Any, demos: list[Demonstration]) -> list[tuple[list[int], list[int], list[bool]]]:
@@ -39,22 +41,29 @@ def encode_demonstrations(tokenizer: Any, demos: list[Demonstration]) -> list[tu
     A response is a string (all of it trained) or a list of (text, trained) segments: a multi-turn agent's
     tool observations are segments with trained=False, encoded on their own exactly as the agent loop
     appends them, so warm start and rollout see the same token boundaries. A third element, a list of tool
-    schemas, renders into the prompt the way the chat template renders tools.
+    schemas, renders into the prompt the way the chat template renders tools. A chat demonstration (a dict
+    with `messages` and `tools`) is cut into prompt and segments by the template, as `ChatEpisode` cuts a rollout.
     """
     eos = tokenizer.eos_token_id
     out = []
-    for messages, response, *rest in demos:
-        tools = rest[0] if rest else None
-        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    for demo in demos:
+        if isinstance(demo, dict):
+            text, segments = chat_segments(tokenizer, demo["messages"], demo.get("tools"))
+            closing: list[int] = []  # the last assistant turn already ends with end-of-turn
+        else:
+            messages, response, *rest = demo
+            tools = rest[0] if rest else None
+            text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            segments = [(response, True)] if isinstance(response, str) else list(response)
+            closing = [eos]
         prompt = tokenizer.encode(text, add_special_tokens=False)
-        segments = [(response, True)] if isinstance(response, str) else list(response)
         ids: list[int] = []
         trained: list[bool] = []
         for segment, train in segments:
             piece = tokenizer.encode(segment, add_special_tokens=False)
             ids += piece
             trained += [bool(train)] * len(piece)
-        out.append((prompt, ids + [eos], trained + [True]))
+        out.append((prompt, ids + closing, trained + [True] * len(closing)))
     return out
 
 
