@@ -10,7 +10,10 @@ schema_version 1:
            logprob_abs_diff_max, rollout_seconds, train_seconds, weight_sync_seconds,
            weights_checksum_match, tokens_per_second, ...extra metrics: weights_checksum,
            sync_probe_abs_diff_max, tokens_digest, rank_checksums, weight_sync_transport, ...} ],
-  gates [ {name, passed, value, threshold, detail} ], faults [names], checkpoints [paths], summary {...}
+  gates [ {name, passed, value, threshold, detail} ], faults [names], checkpoints [paths], summary {...},
+  evaluation (eval runs only: run.mode = eval) {policy, pass_hat_k {"1": …, "k": …}, trials_per_task,
+             reward_mean, tasks [ {task_id, trials, successes, reward_mean,
+                                   runs [ {step, trial, seed, reward, status, ...scenario columns} ]} ]}
 """
 
 from __future__ import annotations
