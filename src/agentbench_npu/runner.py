@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
-import json
 import logging
 import shutil
 import time
@@ -32,7 +31,7 @@ from .gates.base import GateContext, evaluate_gates, select_gates, subprocess_re
 from .paths import atomic_write_json, atomic_write_text
 from .probe import SyncProbe, tokens_digest
 from .plugins import Plugins
-from .report.schema import SCHEMA_VERSION, environment, summarise
+from .report.records import append_samples, build_report, history_before
 from .rollout import collect
 from .training.checkpoint import Checkpoint, load_checkpoint, step_of
 from .training.warm_start import ensure_warm_start
@@ -304,7 +303,7 @@ class Runner:
         probe = self.probe.measure(self.cluster)
         rewards = torch.tensor([t.reward for t in trajs], dtype=torch.float64)
         generated = sum(t.num_trainable for t in trajs)
-        self._append_samples(step, trajs)
+        append_samples(self.samples_path, step, trajs, self.tokenizer)
         extra = {k: v for k, v in train.items() if k not in ("loss", "kl", "entropy", "logprob_abs_diff_mean",
                                                             "logprob_abs_diff_max")}
         if hasattr(self.scenario, "step_metrics"):
@@ -342,30 +341,10 @@ class Runner:
         return {"loss": 0.0, "entropy": 0.0, **stats}
 
     # -- records -------------------------------------------------------------------------------
-    def _append_samples(self, step: int, trajs: list) -> None:
-        lines = []
-        for t in trajs:
-            lines.append(json.dumps({
-                "step": step, "task_id": t.task_id, "group": t.group, "reward": t.reward, "status": t.status,
-                "prompt": self.tokenizer.decode(t.prompt_ids, skip_special_tokens=False),
-                "response": t.response_text, "response_tokens": t.response_length,
-                "trainable_tokens": t.num_trainable, "weight_version": t.weight_version,
-            }))
-        with self.samples_path.open("a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-
     def _carry_over_history(self) -> None:
         """A resumed run continues the steps and samples recorded before its checkpoint."""
         assert self.checkpoint is not None
-        origin, upto = self.checkpoint.path.parent.parent, self.checkpoint.step
-        steps: list[StepMetrics] = []
-        rows: list[str] = []
-        if (origin / "report.json").is_file():
-            old = json.loads((origin / "report.json").read_text())
-            steps = [_metrics_from_dict(s) for s in old.get("steps", []) if s["step"] < upto]
-        if (origin / "samples.jsonl").is_file():
-            rows = [r for r in (origin / "samples.jsonl").read_text().splitlines() if _step_of_row(r) < upto]
-        self.run.steps = steps
+        self.run.steps, rows = history_before(self.checkpoint.path.parent.parent, self.checkpoint.step)
         self.samples_path.write_text("".join(r + "\n" for r in rows))
 
     def _checkpoint_due(self, done: int) -> bool:
@@ -406,41 +385,5 @@ class Runner:
         return report
 
     def _report_dict(self, status: str, error: str | None = None) -> dict[str, Any]:
-        steps = [s.to_dict() for s in self.run.steps]
-        report = {
-            "schema_version": SCHEMA_VERSION,
-            "scenario": self.config.scenario,
-            "checklist_item": getattr(self.scenario, "checklist_item", ""),
-            "status": status,
-            "error": error,
-            "started_at": self.run.started_at,
-            "finished_at": None if status == "running" else datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "run_dir": str(self.run.out_dir),
-            "resumed_from": self.run.resumed_from,
-            "model_dir": self.run.model_dir,
-            "environment": {**environment(getattr(self, "device", None)), "cluster": self.run.cluster_info,
-                            "sandbox": self.run.sandbox_info, "services": self.run.services_info},
-            "config": self.config.to_dict(),
-            "config_digest": self.config.digest(),
-            "steps": steps,
-            "gates": [g.to_dict() for g in self.run.gates],
-            "faults": list(self.config.run.faults),
-            "checkpoints": self.run.checkpoints,
-            "summary": summarise(steps),
-        }
-        if self.evaluation is not None:
-            report["evaluation"] = {"policy": self.config.run.policy, **self.evaluation.summary()}
-        return report
-
-
-def _step_of_row(line: str) -> float:
-    """The step of a samples.jsonl line; a line torn by a killed run counts as never written."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
-
-
-def _metrics_from_dict(row: dict[str, Any]) -> StepMetrics:
-    names = set(StepMetrics.__dataclass_fields__) - {"extra"}
-    return StepMetrics(**{k: row[k] for k in names}, extra={k: v for k, v in row.items() if k not in names})
+        return build_report(self.run, self.config, self.scenario, getattr(self, "device", None), status, error,
+                            self.evaluation)
