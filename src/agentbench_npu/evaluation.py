@@ -25,6 +25,8 @@ SUCCESS = 1.0 - 1e-6
 def pass_hat_k(successes: int, trials: int, k: int) -> float:
     if not 1 <= k <= trials:
         raise ValueError(f"pass^k needs 1 <= k <= trials, got k={k}, trials={trials}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"pass^k needs 0 <= successes <= trials, got successes={successes}, trials={trials}")
     return math.comb(successes, k) / math.comb(trials, k)
 
 

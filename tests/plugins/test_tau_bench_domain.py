@@ -214,6 +214,25 @@ def test_exchange_records_the_request_and_leaves_items_and_payments_as_they_were
     assert methods_of(db, order) == methods  # nothing is charged until the exchange happens
 
 
+def test_an_exchange_of_several_items_records_them_sorted_and_the_summed_difference():
+    db = fresh()
+    candidates = swaps(db, "delivered")
+    order = next(o for o, _, _ in candidates
+                 if len({i["item_id"] for oo, i, _ in candidates if oo is o}) >= 2)
+    picks: dict = {}
+    for o, item, variant in candidates:
+        if o is order:
+            picks.setdefault(item["item_id"], (item, variant))
+    olds = sorted(picks, reverse=True)
+    news = [picks[i][1]["item_id"] for i in olds]
+    result = call(db, "exchange_delivered_order_items", order_id=order["order_id"], item_ids=olds,
+                  new_item_ids=news, payment_method_id=paid_with(db, order))
+    assert result.status == OK, result.output
+    after = db["orders"][order["order_id"]]
+    assert (after["exchange_items"], after["exchange_new_items"]) == (sorted(olds), sorted(news))
+    assert after["exchange_price_difference"] == cents(sum(picks[i][1]["price"] - picks[i][0]["price"] for i in olds))
+
+
 def test_return_records_the_items_and_the_refund_method_sorted():
     db = fresh()
     order = next(o for o in orders(db, "delivered") if len(o["items"]) >= 2)
@@ -238,7 +257,7 @@ def test_a_return_may_be_refunded_to_a_gift_card_of_the_user_other_than_the_orig
 
 def test_modify_user_address_replaces_the_address_and_nothing_else_of_the_user():
     db = fresh()
-    user_id = sorted(db["users"])[0]
+    user_id = min(db["users"])
     before = copy.deepcopy(db["users"][user_id])
     result = call(db, "modify_user_address", user_id=user_id, city="Nowhere", zip="00001")
     assert result.status == OK
@@ -250,22 +269,30 @@ def test_transfer_to_a_human_succeeds_ends_the_episode_and_changes_nothing():
     result = call(db, "transfer_to_human_agents", summary="wants a refund for a delivered order")
     assert (result.status, result.terminates) == (OK, True)
     assert db == DOMAIN.data
-    assert not call(db, "get_user_details", user_id=sorted(db["users"])[0]).terminates
+    assert not call(db, "get_user_details", user_id=min(db["users"])).terminates
 
 
 # -- refusals by the domain's rules ------------------------------------------------------------------
 def _cancel_delivered(db):
     order = orders(db, "delivered")[0]
-    return "cancel_pending_order", dict(order_id=order["order_id"], reason="no longer needed"), "not pending"
+    return "cancel_pending_order", {"order_id": order["order_id"], "reason": "no longer needed"}, "not pending"
 
 
 def _cancel_cancelled(db):
     order = orders(db, "cancelled")[0]
-    return "cancel_pending_order", dict(order_id=order["order_id"], reason="no longer needed"), "not pending"
+    return "cancel_pending_order", {"order_id": order["order_id"], "reason": "no longer needed"}, "not pending"
 
 
 def _cancel_unknown_order(db):
-    return "cancel_pending_order", dict(order_id="#W9999", reason="no longer needed"), "not found"
+    return "cancel_pending_order", {"order_id": "#W9999", "reason": "no longer needed"}, "not found"
+
+
+def swap_args(order: dict, olds: list[str], news: list[str], card: str) -> dict:
+    return {"order_id": order["order_id"], "item_ids": olds, "new_item_ids": news, "payment_method_id": card}
+
+
+def return_args(order: dict, ids: list[str], card: str) -> dict:
+    return {"order_id": order["order_id"], "item_ids": ids, "payment_method_id": card}
 
 
 def _modify_to_unavailable_variant(db):
@@ -273,99 +300,83 @@ def _modify_to_unavailable_variant(db):
         for item in order["items"]:
             for v in db["products"][item["product_id"]]["variants"].values():
                 if not v["available"] and v["item_id"] != item["item_id"]:
-                    return "modify_pending_order_items", dict(
-                        order_id=order["order_id"], item_ids=[item["item_id"]], new_item_ids=[v["item_id"]],
-                        payment_method_id=paid_with(db, order)), "not available"
+                    args = swap_args(order, [item["item_id"]], [v["item_id"]], paid_with(db, order))
+                    return "modify_pending_order_items", args, "not available"
     raise AssertionError("no unavailable variant to try")
 
 
 def _modify_to_another_products_variant(db):
     order, item, _ = swaps(db, "pending")[0]
     other = next(p for p in db["products"].values() if p["product_id"] != item["product_id"])
-    new = next(iter(other["variants"]))
-    return "modify_pending_order_items", dict(order_id=order["order_id"], item_ids=[item["item_id"]],
-                                              new_item_ids=[new], payment_method_id=paid_with(db, order)), \
-        "not a variant"
+    args = swap_args(order, [item["item_id"]], [next(iter(other["variants"]))], paid_with(db, order))
+    return "modify_pending_order_items", args, "not a variant"
 
 
 def _modify_an_item_not_in_the_order(db):
     order, item, variant = swaps(db, "pending")[0]
     absent = next(v for v in db["products"][item["product_id"]]["variants"]
                   if v not in [i["item_id"] for i in order["items"]] and v != variant["item_id"])
-    return "modify_pending_order_items", dict(order_id=order["order_id"], item_ids=[absent],
-                                              new_item_ids=[variant["item_id"]],
-                                              payment_method_id=paid_with(db, order)), "not in order"
+    args = swap_args(order, [absent], [variant["item_id"]], paid_with(db, order))
+    return "modify_pending_order_items", args, "not in order"
 
 
 def _modify_to_the_item_itself(db):
     order, item, _ = swaps(db, "pending")[0]
-    product = db["products"][item["product_id"]]
-    if not product["variants"][item["item_id"]]["available"]:
-        product["variants"][item["item_id"]]["available"] = True
-    return "modify_pending_order_items", dict(order_id=order["order_id"], item_ids=[item["item_id"]],
-                                              new_item_ids=[item["item_id"]],
-                                              payment_method_id=paid_with(db, order)), "the item itself"
+    args = swap_args(order, [item["item_id"]], [item["item_id"]], paid_with(db, order))
+    return "modify_pending_order_items", args, "the item itself"
 
 
 def _modify_with_another_users_card(db):
     order, item, variant = swaps(db, "pending")[0]
     stranger = next(u for u in db["users"].values() if u["user_id"] != order["user_id"])
-    return "modify_pending_order_items", dict(order_id=order["order_id"], item_ids=[item["item_id"]],
-                                              new_item_ids=[variant["item_id"]],
-                                              payment_method_id=next(iter(stranger["payment_methods"]))), \
-        "not one of the user's"
+    args = swap_args(order, [item["item_id"]], [variant["item_id"]], next(iter(stranger["payment_methods"])))
+    return "modify_pending_order_items", args, "not one of the user's"
 
 
 def _modify_with_a_gift_card_short_of_the_difference(db):
     order, item, variant = next((o, i, v) for o, i, v in swaps(db, "pending", 1) if card_of(db, o, "gift_card"))
     card = card_of(db, order, "gift_card")
     methods_of(db, order)[card]["balance"] = cents((variant["price"] - item["price"]) / 2)
-    return "modify_pending_order_items", dict(order_id=order["order_id"], item_ids=[item["item_id"]],
-                                              new_item_ids=[variant["item_id"]], payment_method_id=card), \
-        "not enough"
+    return "modify_pending_order_items", swap_args(order, [item["item_id"]], [variant["item_id"]], card), "not enough"
 
 
 def _modify_an_order_already_modified(db):
     order, item, variant = swaps(db, "pending")[0]
     card = paid_with(db, order)
-    assert call(db, "modify_pending_order_items", order_id=order["order_id"], item_ids=[item["item_id"]],
-                new_item_ids=[variant["item_id"]], payment_method_id=card).status == OK
-    return "modify_pending_order_items", dict(order_id=order["order_id"], item_ids=[variant["item_id"]],
-                                              new_item_ids=[item["item_id"]], payment_method_id=card), \
-        "not pending"
+    there = swap_args(order, [item["item_id"]], [variant["item_id"]], card)
+    assert DOMAIN.call(db, "modify_pending_order_items", there).status == OK
+    back = swap_args(order, [variant["item_id"]], [item["item_id"]], card)
+    return "modify_pending_order_items", back, "not pending"
 
 
 def _exchange_a_pending_order(db):
     order, item, variant = swaps(db, "pending")[0]
-    return "exchange_delivered_order_items", dict(order_id=order["order_id"], item_ids=[item["item_id"]],
-                                                  new_item_ids=[variant["item_id"]],
-                                                  payment_method_id=paid_with(db, order)), "not delivered"
+    args = swap_args(order, [item["item_id"]], [variant["item_id"]], paid_with(db, order))
+    return "exchange_delivered_order_items", args, "not delivered"
 
 
 def _return_to_a_credit_card_that_did_not_pay(db):
     order = next(o for o in orders(db, "delivered", "gift_card") if card_of(db, o, "credit_card"))
-    return "return_delivered_order_items", dict(order_id=order["order_id"], item_ids=[order["items"][0]["item_id"]],
-                                                payment_method_id=card_of(db, order, "credit_card")), \
-        "original payment method"
+    args = return_args(order, [order["items"][0]["item_id"]], card_of(db, order, "credit_card"))
+    return "return_delivered_order_items", args, "original payment method"
 
 
 def _return_an_item_not_in_the_order(db):
     order = orders(db, "delivered")[0]
     ids = {i["item_id"] for i in order["items"]}
     absent = next(v for p in db["products"].values() for v in p["variants"] if v not in ids)
-    return "return_delivered_order_items", dict(order_id=order["order_id"], item_ids=[absent],
-                                                payment_method_id=paid_with(db, order)), "must be items of order"
+    return "return_delivered_order_items", return_args(order, [absent], paid_with(db, order)), "must be items of order"
 
 
 def _return_more_copies_than_ordered(db):
     order = orders(db, "delivered")[0]
     first = order["items"][0]["item_id"]
-    return "return_delivered_order_items", dict(order_id=order["order_id"], item_ids=[first, first],
-                                                payment_method_id=paid_with(db, order)), "must be items of order"
+    args = return_args(order, [first, first], paid_with(db, order))
+    return "return_delivered_order_items", args, "must be items of order"
 
 
 def _address_of_an_unknown_user(db):
-    return "modify_user_address", dict(user_id="nobody_here", city="X", zip="1"), "not found"
+    return "modify_user_address", {"user_id": "nobody_here", "city": "X", "zip": "1"}, "not found"
 
 
 REFUSALS = [_cancel_delivered, _cancel_cancelled, _cancel_unknown_order, _modify_to_unavailable_variant,
@@ -387,8 +398,6 @@ def test_a_call_the_domain_rules_forbid_is_refused_with_an_error_and_leaves_the_
     assert db == before
 
 
-@pytest.mark.xfail(strict=True, reason="exchange_delivered_order_items never checks a gift card's balance against "
-                                       "the price difference; τ-bench's exchange refuses it")
 def test_an_exchange_paid_by_a_gift_card_short_of_the_difference_is_refused():
     db = fresh()
     order, item, variant = next((o, i, v) for o, i, v in swaps(db, "delivered", 1) if card_of(db, o, "gift_card"))
@@ -650,15 +659,17 @@ def test_one_changed_argument_of_a_gold_write_action_scores_zero_and_shows_the_d
     tried = set()
     for task in SHIPPED:
         db = fresh()
+        changed_here = False
         for action in task.label["actions"]:
             changed = _another_argument(db, action) if action["name"] in WRITE_TOOLS else {}
             if changed:
                 # the changed call itself succeeds: only the database comparison can catch it
                 assert DOMAIN.call(db, changed["name"], changed["kwargs"]).status == OK, (task.id, changed)
                 tried.add(action["name"])
+                changed_here = True
             else:
                 DOMAIN.call(db, action["name"], action["kwargs"])
-        if not any(a["name"] in tried for a in task.label["actions"]):
+        if not changed_here:
             continue
         result = score(DOMAIN, task, db, [" ".join(task.label["outputs"])], {})
         assert result["reward"] == 0.0 and not result["db_match"], task.id
@@ -772,23 +783,23 @@ def with_action(n: int, **change: Any) -> list:
 
 
 BAD_ROWS = [
-    ("missing instruction", dict(instruction=_DROP), "missing field 'instruction'"),
-    ("missing actions", dict(actions=_DROP), "missing field 'actions'"),
-    ("blank instruction", dict(instruction="  "), "'instruction' must be a non-empty string"),
-    ("unknown user", dict(user_id="nobody_here"), "user_id 'nobody_here' is not a user of the retail database"),
-    ("outputs not strings", dict(outputs=[3]), "'outputs' must be a list of strings"),
-    ("actions not a list", dict(actions={"name": "x"}), "'actions' must be a list"),
-    ("action without a name", dict(actions=[{"kwargs": {}}]), "actions[0]: expected an object with a 'name'"),
-    ("unknown tool", dict(actions=with_action(1, name="refund_everything")),
+    ("missing instruction", {"instruction": _DROP}, "missing field 'instruction'"),
+    ("missing actions", {"actions": _DROP}, "missing field 'actions'"),
+    ("blank instruction", {"instruction": "  "}, "'instruction' must be a non-empty string"),
+    ("unknown user", {"user_id": "nobody_here"}, "user_id 'nobody_here' is not a user of the retail database"),
+    ("outputs not strings", {"outputs": [3]}, "'outputs' must be a list of strings"),
+    ("actions not a list", {"actions": {"name": "x"}}, "'actions' must be a list"),
+    ("action without a name", {"actions": [{"kwargs": {}}]}, "actions[0]: expected an object with a 'name'"),
+    ("unknown tool", {"actions": with_action(1, name="refund_everything")},
      "actions[1]: unknown tool 'refund_everything'; the retail tools are " + ", ".join(TOOL_NAMES)),
-    ("enum refused", dict(actions=with_action(1, kwargs={"order_id": "#W1001", "reason": "too expensive"})),
+    ("enum refused", {"actions": with_action(1, kwargs={"order_id": "#W1001", "reason": "too expensive"})},
      "actions[1]: cancel_pending_order: argument 'reason' must be one of"),
-    ("wrong type", dict(actions=with_action(0, kwargs={"email": ["a@b.c"]})),
+    ("wrong type", {"actions": with_action(0, kwargs={"email": ["a@b.c"]})},
      "actions[0]: find_user_id_by_email: argument 'email' must be a string"),
-    ("missing argument", dict(actions=with_action(1, kwargs={"order_id": "#W1001"})),
+    ("missing argument", {"actions": with_action(1, kwargs={"order_id": "#W1001"})},
      "actions[1]: cancel_pending_order: missing argument 'reason'"),
-    ("kwargs not JSON", dict(actions=with_action(1, kwargs="{order_id: 1}")), "actions[1]: 'kwargs' is a string"),
-    ("opening not a string", dict(opening=["hi"]), "'opening' must be a string"),
+    ("kwargs not JSON", {"actions": with_action(1, kwargs="{order_id: 1}")}, "actions[1]: 'kwargs' is a string"),
+    ("opening not a string", {"opening": ["hi"]}, "'opening' must be a string"),
 ]
 
 
@@ -831,8 +842,6 @@ def test_a_duplicate_task_id_names_the_second_row_and_the_id(tmp_path):
     assert message.startswith(f"{tmp_path / 'tasks.json'}:item 2: task id 'mine-1' appears twice"), message
 
 
-@pytest.mark.xfail(strict=True, reason="a non-string user_id (unhashable) reaches `in dict` and raises TypeError "
-                                       "instead of a UserError naming the row")
 def test_a_user_id_that_is_not_a_string_is_a_user_error(tmp_path):
     message = load_error(write_jsonl(tmp_path, [a_row(user_id=["mo_rossi"])]))
     assert "user_id" in message

@@ -41,7 +41,12 @@ class GoldScript:
         return not self.turns
 
     def next(self, convo: ChatEpisode) -> Turn | None:
-        return convo.scripted(self.turns.pop(0)) if self.turns else None
+        if not self.turns:
+            return None
+        turn = convo.scripted(self.turns[0])
+        if turn is not None:  # a turn the budget refused is not spent: the episode ends as "budget"
+            self.turns.pop(0)
+        return turn
 
 
 def gold_state(domain: Domain, task: Task, cache: dict[str, tuple[str, dict]]) -> tuple[str, dict]:

@@ -2,7 +2,7 @@
 
 Tools are Python functions `fn(db, **arguments) -> str` with an OpenAI function schema. `Domain.call` is the
 one way an agent (or a gold replay) runs a tool: it checks the call against the schema, runs the function on
-the episode's own copy of the database, and turns every failure into an `Error: ...` message the agent reads,
+the episode's own copy of the database (all of its changes or none), and turns every failure into an `Error: ...` message the agent reads,
 classified so reports can count them (unknown tool, bad arguments, refused by a domain rule, raised).
 
 The database's identity is a sha256 of canonical JSON (sorted keys, fixed separators), so two databases with
@@ -114,12 +114,15 @@ class Domain:
         problem = check_arguments(tool, arguments)
         if problem:
             return CallResult(f"Error: {problem}", BAD_ARGUMENTS)
+        scratch = copy.deepcopy(db)  # a call changes the database whole or not at all
         try:
-            output = tool.fn(db, **arguments)
+            output = tool.fn(scratch, **arguments)
         except ToolError as exc:
             return CallResult(f"Error: {exc}", REFUSED)
         except Exception as exc:  # a tool bug must not end the episode: the agent reads it like any error
             return CallResult(f"Error: {tool.name} failed: {type(exc).__name__}: {exc}", RAISED)
+        db.clear()
+        db.update(scratch)
         return CallResult(output, OK, tool.terminates)
 
     def replay(self, actions: list[Mapping[str, Any]]) -> dict[str, Any]:

@@ -178,7 +178,9 @@ def exchange_delivered_order_items(db: dict, order_id: str, item_ids: list[str],
     if order["status"] != "delivered":
         raise ToolError(f"order '{order_id}' is {order['status']}, not delivered")
     diff = _swap(db, order, item_ids, new_item_ids)
-    _payment_method(db, order, payment_method_id)
+    method = _payment_method(db, order, payment_method_id)
+    if method["source"] == "gift_card" and method["balance"] < diff:
+        raise ToolError(f"gift card '{payment_method_id}' has {method['balance']:.2f}, not enough for the difference")
     order.update(status="exchange requested", exchange_items=sorted(item_ids), exchange_new_items=sorted(new_item_ids),
                  exchange_payment_method_id=payment_method_id, exchange_price_difference=diff)
     return _show(order)

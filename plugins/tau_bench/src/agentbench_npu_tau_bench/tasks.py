@@ -7,7 +7,7 @@ A task file is a JSON array, JSONL or parquet of objects:
      "outputs": ["words the agent must say"], "opening": "the scripted user's first message (optional)"}
 
 `arguments` is read as a synonym of `kwargs` (τ²-bench's spelling). Every task is checked when the run is set
-up: unknown fields are kept, but a missing field, an action on an unknown tool, arguments its schema refuses,
+up: unknown fields are ignored, but a missing field, an action on an unknown tool, arguments its schema refuses,
 or gold actions that do not all succeed on the initial database fail with the row's file:line.
 """
 
@@ -65,7 +65,7 @@ def _task(where: str, row: Any, domain: Domain, index: int) -> Task:
         raise UserError(f"{where}: missing field {', '.join(repr(m) for m in missing)}")
     if not isinstance(row["instruction"], str) or not row["instruction"].strip():
         raise UserError(f"{where}: 'instruction' must be a non-empty string")
-    if row["user_id"] not in domain.data["users"]:
+    if not isinstance(row["user_id"], str) or row["user_id"] not in domain.data["users"]:
         raise UserError(f"{where}: user_id '{row['user_id']}' is not a user of the {domain.name} database")
     outputs = row.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
