@@ -72,8 +72,11 @@ def chat_segments(tokenizer: Any, messages: Sequence[Mapping[str, Any]],
         if messages[i].get("role") != "assistant":
             continue
         rendered = render_text(tokenizer, messages[:i], tools, add_generation_prompt=True)
+        if not rendered.startswith(shown):
+            raise ValueError(f"the chat template renders the history before assistant message {i} differently "
+                             "from how it rendered it before; such a chat cannot be cut into a token log")
         if rendered != shown:
-            segments.append((rendered[len(shown):] if rendered.startswith(shown) else rendered, False))
+            segments.append((rendered[len(shown):], False))
         text = assistant_text(tokenizer, messages[:i], messages[i], tools)
         segments.append((text, True))
         shown = rendered + text

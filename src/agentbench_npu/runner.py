@@ -96,12 +96,17 @@ class Runner:
             # the scenario's own task source (a file named in [task], say) is input too: a bad one fails here,
             # not at the first step (tasks() is deterministic and cheap by contract)
             self._scenario_tasks(0, 1)
+        if c.run.mode == "eval":
+            self._check_eval_coverage()
         if c.run.policy == "gold" and not getattr(self.scenario, "has_gold_policy", False):
             with_gold = sorted(n for n, r in self.plugins.items("scenario").items()
                                if getattr(r.obj, "has_gold_policy", False))
             raise UserError(f"scenario '{c.scenario}' has no gold policy; --policy gold works with: "
                             f"{', '.join(with_gold) or 'no installed scenario'}")
         self.checkpoint: Checkpoint | None = load_checkpoint(self.resume_path) if self.resume_path else None
+        if self.checkpoint is not None and c.run.mode == "eval":
+            raise UserError(f"--resume continues a training run; to evaluate checkpoint '{self.checkpoint.path}' "
+                            f"pass --model {self.checkpoint.model_dir} --mode eval")
         if self.checkpoint is not None:
             start = self.checkpoint.step
             if self.checkpoint.state.get("scenario") != c.scenario:
@@ -130,9 +135,25 @@ class Runner:
         for name in c.run.faults:
             fault = self.plugins.get("fault", name).obj
             reason = fault.cannot_bite(c)
+            catcher = gates.get(fault.caught_by)
+            if reason is None and catcher is not None and not catcher.applies(c):
+                reason = f"the gate that catches it ({fault.caught_by}) does not apply: it needs {catcher.requirement}"
             if reason:
                 raise UserError(f"fault '{name}' would not change this run: {reason}")
             self.faults.append(fault)
+
+    def _check_eval_coverage(self) -> None:
+        """Each eval step tries every task equally often, or pass^k would average unequal (and missing) tasks."""
+        c = self.config
+        if self._dataset is not None:
+            count = len(self._dataset)
+        elif hasattr(self.scenario, "all_tasks"):
+            count = len(self.scenario.all_tasks(c.task, **({"mode": c.run.mode} if self._tasks_take_mode else {})))
+        else:
+            return
+        if c.rollout.prompts_per_step % count:
+            raise UserError(f"--mode eval tries every task in every step, and there are {count} tasks; "
+                            f"set rollout.prompts_per_step={count} (it is {c.rollout.prompts_per_step})")
 
     def _setup(self) -> None:
         c = self.config

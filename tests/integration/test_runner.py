@@ -1,4 +1,5 @@
-"""The runner in-process: lifecycle hooks reach plugins, and a hook that raises is named."""
+"""The runner in-process: lifecycle hooks reach plugins, a hook that raises is named, and an eval run scores
+without training."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import pytest
 
 from agentbench_npu.config import Layer, resolve
-from agentbench_npu.errors import PluginError
+from agentbench_npu.errors import PluginError, UserError
 from agentbench_npu.hookspecs import hookimpl
 from agentbench_npu.plugins import load_plugins
 from agentbench_npu.runner import Runner
@@ -66,3 +67,24 @@ def test_a_hook_that_raises_is_named_and_the_report_says_error(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "error"
     assert "boom" in report["error"]
+
+
+def test_an_eval_run_scores_without_training_and_refuses_to_resume_a_training_checkpoint(tmp_path):
+    plugins = load_plugins()
+    trained = Runner(small_config(plugins), plugins, tmp_path / "train")
+    trained.prepare()
+    assert trained.execute()["status"] == "passed"
+    scenario = plugins.get("scenario", "base").obj
+    recipe = scenario.recipe()
+    eval_config = resolve("base", [recipe, SMALL, Layer({"run": {"mode": "eval", "steps": 3}}, "test")],
+                          recipe.values["task"])
+    evaluating = Runner(eval_config, plugins, tmp_path / "eval")
+    evaluating.prepare()
+    report = evaluating.execute()
+    assert report["status"] == "passed" and report["checkpoints"] == []
+    assert {s["weight_version"] for s in report["steps"]} == {1} and {s["weight_sync_seconds"] for s in report["steps"]} == {0.0}
+    assert report["evaluation"]["trials_per_task"] >= 2 and report["evaluation"]["policy"] == "model"
+    assert [g["name"] for g in report["gates"]] == ["logprob_alignment", "weight_sync", "reproducibility"]
+    resuming = Runner(eval_config, plugins, tmp_path / "again", resume=tmp_path / "train")
+    with pytest.raises(UserError, match=r"^--resume continues a training run; to evaluate checkpoint"):
+        resuming.prepare()

@@ -720,23 +720,29 @@ def _talking_task(*outputs: str) -> Task:
     (["Delivered"], ["your order is DELIVERED."], []),
     (["1000"], ["It costs 1,000 dollars."], []),
     (["10", "blue"], ["I found 1,0 items", "in Blue"], []),
-    (["pending"], ["Hello.", "It is pen", "ding"], ["pending"]),  # messages are joined with a space
+    (["pending"], ["Hello.", "It is pen", "ding"], ["pending"]),
+    (["order delivered"], ["your order", "delivered"], ["order delivered"]),  # each message on its own
     (["cancelled", "delivered"], ["one is cancelled"], ["delivered"]),
     (["anything"], [], ["anything"]),
 ])
-def test_outputs_match_case_insensitively_ignoring_commas_across_all_agent_messages(outputs, said, missing):
+def test_outputs_match_case_insensitively_ignoring_commas_each_within_one_agent_message(outputs, said, missing):
     result = score(DOMAIN, _talking_task(*outputs), fresh(), said, {})
     assert result["outputs_missing"] == missing
     assert result["reward"] == (0.0 if missing else 1.0)
 
 
-def test_the_gold_state_is_computed_once_per_task_id():
+def test_the_gold_state_is_computed_once_per_task_and_gold_actions():
     task = next(t for t in SHIPPED if t.metadata["kind"] == "cancel")
     cache: dict = {}
     first = gold_state(DOMAIN, task, cache)
     assert gold_state(DOMAIN, task, cache) is first
     assert first[0] == db_hash(replay_by_hand(task))
-    assert set(cache) == {task.id}
+    assert len(cache) == 1
+    # another task file reusing the id with other gold actions gets its own gold state
+    other = Task(id=task.id, prompt=task.prompt, label={**task.label, "actions": task.label["actions"][:1]},
+                 metadata=task.metadata)
+    assert gold_state(DOMAIN, other, cache)[0] == db_hash(fresh()) != first[0]
+    assert len(cache) == 2
 
 
 # -- load_tasks -------------------------------------------------------------------------------------
@@ -800,7 +806,21 @@ BAD_ROWS = [
      "actions[1]: cancel_pending_order: missing argument 'reason'"),
     ("kwargs not JSON", {"actions": with_action(1, kwargs="{order_id: 1}")}, "actions[1]: 'kwargs' is a string"),
     ("opening not a string", {"opening": ["hi"]}, "'opening' must be a string"),
+    ("output with a comma", {"outputs": ["1,000"]}, "an output holds a comma, which never matches"),
+    ("action after a transfer", {"actions": [{"name": "transfer_to_human_agents", "kwargs": {"summary": "s"}},
+                                             with_action(1)[1]]},
+     "actions[1]: follows transfer_to_human_agents, which ends the conversation"),
 ]
+
+
+def test_a_parquet_task_file_loads_though_its_kwargs_column_carries_every_key(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    rows = [a_row(), a_row(id="mine-2")]
+    path = tmp_path / "tasks.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)  # one struct type: email, order_id, reason in every action
+    tasks = load_tasks(path, DOMAIN)
+    assert [t.label["actions"] for t in tasks] == [rows[0]["actions"], rows[1]["actions"]]
 
 
 @pytest.mark.parametrize("change, says", [c[1:] for c in BAD_ROWS], ids=[c[0] for c in BAD_ROWS])

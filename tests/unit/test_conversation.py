@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from agentbench_npu.conversation import ChatEpisode, assistant_message, assistant_text, chat_segments, render_text
+from agentbench_npu.errors import UserError
 from agentbench_npu.models.loading import load_tokenizer, resolve_model_dir
 from agentbench_npu.scenario import RolloutContext
 from agentbench_npu.training.warm_start import encode_demonstrations
@@ -430,3 +431,45 @@ def test_chat_segments_of_a_chat_without_an_assistant_turn_is_the_whole_chat_as_
     prompt, segments = chat_segments(tok, OPENING, TOOLS)
     assert prompt == render_text(tok, OPENING, TOOLS, add_generation_prompt=True) and segments == []
     assert json.loads(prompt.split("<tools>\n")[1].split("\n</tools>")[0]) == LOOKUP
+
+
+class ThinkDroppingTokenizer:
+    """The tiny tokenizer with a Qwen3-like template: assistant turns before the last user turn lose their
+    `<think>` block when the chat is rendered again."""
+
+    def __init__(self, tok: Any):
+        self.tok = tok
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tok, name)
+
+    def apply_chat_template(self, messages: list, **kwargs: Any) -> str:
+        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        shown = [dict(m, content=m["content"].split("</think>")[-1]) if m["role"] == "assistant" and i < last_user
+                 else m for i, m in enumerate(messages)]
+        return self.tok.apply_chat_template(shown, **kwargs)
+
+
+THINKING_CHAT = OPENING + [{"role": "assistant", "content": "<think>small</think>A small animal."},
+                           {"role": "user", "content": "And a dog?"},
+                           {"role": "assistant", "content": "A loyal animal."}]
+
+
+def test_a_chat_the_template_re_renders_differently_cannot_be_cut_into_a_demonstration(tok):
+    with pytest.raises(ValueError, match="renders the history before assistant message 4 differently"):
+        chat_segments(ThinkDroppingTokenizer(tok), THINKING_CHAT, None)
+    with pytest.raises(UserError, match=r"^warm start: demonstration 2: the chat template renders"):
+        encode_demonstrations(ThinkDroppingTokenizer(tok), [{"messages": OPENING + THINKING_CHAT[2:3]},
+                                                            {"messages": THINKING_CHAT}])
+
+
+def test_the_same_template_breaks_a_rollout_s_prefix_and_the_trajectory_is_not_trained_on(tok):
+    thinking = ThinkDroppingTokenizer(tok)
+    policy = ScriptedPolicy(tok, ["<think>small</think>A small animal." + EOS, "A loyal animal." + EOS])
+    convo = ChatEpisode.start(context(thinking, policy), OPENING, None, 512)
+    asyncio.run(convo.sample(SamplingParams(max_new_tokens=64)))
+    convo.add({"role": "user", "content": "And a dog?"})
+    asyncio.run(convo.sample(SamplingParams(max_new_tokens=64)))
+    traj = convo.finish()
+    assert traj.metadata["prefix_breaks"] == 1 and traj.num_trainable == 0
+    assert traj.metadata["prefix_break_examples"][0]["seen"].startswith("<think>small</think>")

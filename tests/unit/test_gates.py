@@ -146,6 +146,14 @@ def test_logprob_alignment_fails_on_one_token_above_logprob_max_even_when_the_me
     assert "task add-7 sample 3 response position 5" in result.detail
 
 
+def test_logprob_alignment_fails_when_no_step_compared_a_single_token():
+    # every trajectory excluded from training (a chat template that re-renders history differently, say)
+    result = LogprobAlignmentGate().evaluate(context(rows(2, at0={"trainable_tokens": 0}, at1={"trainable_tokens": 0})))
+    assert not result.passed and result.detail.startswith("no step had a sampled token to compare")
+    some = LogprobAlignmentGate().evaluate(context(rows(2, at0={"trainable_tokens": 0}, at1={"trainable_tokens": 5})))
+    assert some.passed, some.detail
+
+
 def test_logprob_alignment_fails_on_a_k3_kl_above_logprob_kl():
     result = LogprobAlignmentGate().evaluate(context(rows(3, at0={"kl": 0.01})))
     assert not result.passed
@@ -458,6 +466,9 @@ def test_an_eval_run_has_no_continuity_gate_and_a_gold_run_no_logprob_gate():
     assert "checkpoint_continuity" not in eval_run and "logprob_alignment" in eval_run
     gold = [g.name for g in select_gates(builtin(), config(run={"steps": 3, "mode": "eval", "policy": "gold"}))]
     assert "logprob_alignment" not in gold and {"weight_sync", "reproducibility"} <= set(gold)
+    ranks = [g.name for g in select_gates(builtin(), config(run={"steps": 3, "mode": "eval"},
+                                                             cluster={"executor": "ray", "train_devices": 2}))]
+    assert "ranks" not in ranks  # an eval run has no training step whose ranks could diverge
 
 
 def test_a_gate_whose_second_run_fails_is_a_failed_result_and_later_gates_still_run():

@@ -150,7 +150,8 @@ FAULTS = (
     # an engine that lost weights cannot be resumed into: the resumed run's engine starts from the
     # checkpoint, so continuity honestly differs too
     Fault("stale-weights", "one weight sync is acknowledged but not applied", "weight_sync", "engine",
-          _stale_weights, also_affects=("logprob_alignment", "checkpoint_continuity")),
+          _stale_weights, also_affects=("logprob_alignment", "checkpoint_continuity"),
+          cannot_bite=lambda c: "an eval run (--mode eval) syncs weights once, before any update" if c.run.mode == "eval" else None),
     Fault("partial-sync", "one tensor is missing from every weight sync", "weight_sync", "engine",
           _partial_sync, also_affects=("logprob_alignment", "checkpoint_continuity")),
     Fault("unseeded-sampling", "the engine ignores per-request sampling seeds", "reproducibility", "engine",

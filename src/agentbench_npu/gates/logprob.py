@@ -53,6 +53,9 @@ class LogprobAlignmentGate:
                     problems.append(f"step {step}: spike, mean |Δlogp| {mean:.3g} is "
                                     f"{mean / max(median, 1e-30):.1f}x the running median {median:.3g}")
             history.append(mean)
+        if steps and all(s.get("trainable_tokens") == 0 for s in steps):
+            problems.append("no step had a sampled token to compare: every trajectory was excluded from training "
+                            "(see the scenario's prefix_break_rate) or sampled nothing")
         if problems:
             return GateResult(self.name, False, value, threshold, first_problem(problems))
         worst = max(steps, key=lambda s: s["logprob_abs_diff_mean"])

@@ -17,6 +17,7 @@ import torch
 
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..conversation import chat_segments
+from ..errors import UserError
 from ..paths import atomic_directory, cache_root
 
 WARM_START_VERSION = 1
@@ -48,7 +49,10 @@ def encode_demonstrations(tokenizer: Any, demos: list[Demonstration]) -> list[tu
     out = []
     for demo in demos:
         if isinstance(demo, dict):
-            text, segments = chat_segments(tokenizer, demo["messages"], demo.get("tools"))
+            try:
+                text, segments = chat_segments(tokenizer, demo["messages"], demo.get("tools"))
+            except ValueError as exc:
+                raise UserError(f"warm start: demonstration {len(out) + 1}: {exc}") from None
             closing: list[int] = []  # the last assistant turn already ends with end-of-turn
         else:
             messages, response, *rest = demo

@@ -18,8 +18,8 @@ from agentbench_npu.conversation import ChatEpisode, Turn
 from agentbench_npu.scenario import RolloutContext
 from agentbench_npu.types import Task, Trajectory
 
-from .domain import MALFORMED, Domain, db_diff, db_hash
-from .users import STOP, make_user
+from .domain import MALFORMED, Domain, canonical, db_diff, db_hash
+from .users import STOP, UserSimulator, make_user
 
 MALFORMED_MESSAGE = 'Error: a tool call must be JSON: {"name": "...", "arguments": {...}}'
 
@@ -51,26 +51,35 @@ class GoldScript:
 
 def gold_state(domain: Domain, task: Task, cache: dict[str, tuple[str, dict]]) -> tuple[str, dict]:
     """(hash, database) after the task's gold actions on a fresh copy, computed once per task."""
-    if task.id not in cache:
+    key = task.id + canonical(task.label["actions"])
+    if key not in cache:
         db = domain.replay(task.label["actions"])
-        cache[task.id] = (db_hash(db), db)
-    return cache[task.id]
+        cache[key] = (db_hash(db), db)
+    return cache[key]
 
 
 def score(domain: Domain, task: Task, db: dict, said: list[str], cache: dict) -> dict[str, Any]:
     """τ-bench's reward: 1 iff the database equals the gold one and every required output was said."""
     gold_hash, gold_db = gold_state(domain, task, cache)
     match = db_hash(db) == gold_hash
-    spoken = " ".join(said).lower().replace(",", "")
-    missing = [o for o in task.label["outputs"] if o.lower() not in spoken]
+    spoken = [message.lower().replace(",", "") for message in said]  # each message on its own, as τ-bench checks
+    missing = [o for o in task.label["outputs"] if not any(o.lower() in message for message in spoken)]
     return {"reward": 1.0 if match and not missing else 0.0, "db_match": match, "outputs_missing": missing,
             "db_diff": [] if match else db_diff(db, gold_db)}
 
 
 async def run_episode(ctx: RolloutContext, task: Task, domain: Domain, options: Mapping[str, Any], policy: str,
                       gold_cache: dict) -> Trajectory:
-    db = domain.fresh_db()
     user = make_user(str(options["user"]), ctx, task, domain.data, options)
+    try:
+        return await _converse(ctx, task, domain, options, policy, gold_cache, user)
+    finally:
+        await user.aclose()
+
+
+async def _converse(ctx: RolloutContext, task: Task, domain: Domain, options: Mapping[str, Any], policy: str,
+                    gold_cache: dict, user: UserSimulator) -> Trajectory:
+    db = domain.fresh_db()
     system = [{"role": "system", "content": domain.policy}] if options["policy_in_prompt"] else []
     opening = await user.opening()
     convo = ChatEpisode.start(ctx, system + [{"role": "user", "content": opening}],
@@ -80,7 +89,9 @@ async def run_episode(ctx: RolloutContext, task: Task, domain: Domain, options: 
     said: list[str] = []
     ended = "max_turns"
     limit = int(options["observation_chars"])
-    for _ in range(int(options["max_turns"])):
+    # the gold agent needs one turn per action and one to speak: a policy's turn limit is not its
+    turns = int(options["max_turns"]) if gold is None else len(gold.turns) + 1
+    for _ in range(turns):
         turn = gold.next(convo) if gold is not None else await convo.sample(ctx.sampling)
         if turn is None:
             ended = "script" if gold is not None and gold.exhausted else "budget"

@@ -17,6 +17,7 @@ from .agent import GoldScript, run_episode
 from .domain import ERROR_KINDS, OK
 from .retail import CANCEL_REASONS
 from .tasks import load_tasks, retail_domain, shipped_tasks
+from .users import require_openai
 
 USERS = ("scripted", "llm")
 SPLITS = ("", "test", "train")
@@ -56,6 +57,8 @@ class TauBenchScenario:
             raise UserError(f"task.user is '{options['user']}'; choose {' or '.join(USERS)}")
         if options["split"] not in SPLITS:
             raise UserError(f"task.split is '{options['split']}'; choose test, train, or \"\" (test when evaluating)")
+        if options["user"] == "llm" and options["user_url"]:
+            require_openai()  # a missing extra is bad input: say so at set-up, not at the first rollout
         for key in ("max_turns", "max_response_tokens"):
             if int(options[key]) < 1:
                 raise UserError(f"task.{key} must be at least 1, got {options[key]}")

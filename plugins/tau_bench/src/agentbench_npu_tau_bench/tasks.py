@@ -70,6 +70,9 @@ def _task(where: str, row: Any, domain: Domain, index: int) -> Task:
     outputs = row.get("outputs") or []
     if not isinstance(outputs, list) or not all(isinstance(o, str) for o in outputs):
         raise UserError(f"{where}: 'outputs' must be a list of strings")
+    if any("," in o for o in outputs):
+        raise UserError(f"{where}: an output holds a comma, which never matches: the agent's messages are compared "
+                        "with commas removed (τ-bench's rule); write it without")
     if not isinstance(row["actions"], list):
         raise UserError(f"{where}: 'actions' must be a list of {{name, kwargs}} objects")
     actions = []
@@ -84,6 +87,8 @@ def _task(where: str, row: Any, domain: Domain, index: int) -> Task:
                 kwargs = json.loads(kwargs)
             except json.JSONDecodeError:
                 raise UserError(f"{field}: 'kwargs' is a string that is not JSON") from None
+        if isinstance(kwargs, dict):  # parquet structs carry every key seen in the column, absent ones as None
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}
         tool = domain.tools.get(action["name"])
         if tool is None:
             raise UserError(f"{field}: unknown tool '{action['name']}'; the {domain.name} tools are "
@@ -91,6 +96,9 @@ def _task(where: str, row: Any, domain: Domain, index: int) -> Task:
         problem = check_arguments(tool, kwargs)
         if problem:
             raise UserError(f"{field}: {problem}")
+        if actions and domain.tools[actions[-1]["name"]].terminates:
+            raise UserError(f"{field}: follows {actions[-1]['name']}, which ends the conversation; "
+                            "put it last or drop what follows")
         result = domain.call(db, action["name"], kwargs)
         if result.status != OK:
             raise UserError(f"{field}: the gold action fails on the initial database ({result.output}); "

@@ -29,8 +29,13 @@ class UserSimulator(Protocol):
 
     async def reply(self, agent_message: str) -> str: ...
 
+    async def aclose(self) -> None: ...
+
 
 class ScriptedUser:
+    async def aclose(self) -> None:
+        pass
+
     def __init__(self, task: Task, db: Mapping[str, Any]):
         self.task = task
         user = db["users"][task.metadata["user_id"]]
@@ -73,7 +78,7 @@ class LLMUser:
             {"role": "system", "content": SIMULATOR_PROMPT.format(instruction=task.metadata["instruction"])},
             {"role": "user", "content": "Hi! How can I help you today?"}]
         self.seed = ctx.rng.randrange(2**31)
-        self.client = _openai_client(self.url) if self.url else None
+        self.client = openai_client(self.url) if self.url else None
 
     async def opening(self) -> str:
         return await self._say()
@@ -95,6 +100,10 @@ class LLMUser:
         self.history.append({"role": "assistant", "content": text})
         return text
 
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+
     async def _remote(self) -> str:
         try:
             response = await self.client.chat.completions.create(
@@ -105,12 +114,17 @@ class LLMUser:
         return response.choices[0].message.content or ""
 
 
-def _openai_client(url: str) -> Any:
+def require_openai() -> Any:
     try:
         import openai
     except ImportError:
         raise UserError("task.user_url: an LLM user simulator at a URL needs the 'openai' package, which is not "
                         "installed: pip install 'agentbench-npu-tau-bench[llm-user]'") from None
+    return openai
+
+
+def openai_client(url: str) -> Any:
+    openai = require_openai()
     base = url.rstrip("/")
     if not base.endswith("/v1"):
         base += "/v1"
