@@ -294,9 +294,11 @@ def serve(ctx: click.Context, model: str, device: str, dtype: str, host: str, po
 
 
 def _add_builtin_groups() -> None:
+    from .compare.commands import diff_command
     from .retrieval.commands import search_index, search_server
     from .sandbox.commands import sandbox
 
+    cli.add_command(diff_command)
     cli.add_command(sandbox)
     cli.add_command(search_server)
     cli.add_command(search_index)

@@ -99,8 +99,10 @@ def profile_layer(name: str) -> Layer:
 
 def split_profiles(layer: Layer) -> tuple[Layer, dict[str, Layer]]:
     """A scenario recipe's own settings, and its `[profiles.NAME.SECTION]` tables: what the scenario changes
-    when it runs under profile NAME (the tiny profile's warm start, say), applied right after that profile."""
+    when it runs under profile NAME (the tiny profile's warm start, say), applied right after that profile. Its
+    `[diff]` table (tolerances for `agentbench-npu diff`) is not a run setting and is left out."""
     values = dict(layer.values)
+    values.pop("diff", None)  # the recipe's tolerances for `agentbench-npu diff`, not run settings
     profiles = values.pop("profiles", {})
     if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
         raise ConfigError(f"{layer.source}: 'profiles' must hold tables like [profiles.tiny.warm_start]")

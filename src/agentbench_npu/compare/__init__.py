@@ -1,0 +1,1 @@
+"""Comparing runs: GPU-vs-NPU scoring diffs under per-metric tolerances."""
