@@ -71,13 +71,15 @@ def cli() -> None:
 @click.option("--sandbox", help="where agent tools run code: local | docker | modal | a plugin's (default local)")
 @click.option("--inject-fault", "faults", multiple=True, metavar="NAME",
               help="break the run on purpose to prove a gate catches it (see `list`)")
+@click.option("--compare-to", metavar="baseline|PATH",
+              help="diff the run against the matching archived baseline, or a run dir: the `baseline` gate")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @click.pass_context
 def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, steps: int | None,
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
         overrides: tuple[str, ...], executor: str | None, ray_address: str | None, modes: tuple[str, ...],
         policy: str | None, train_devices: int | None, rollout_devices: int | None, gates: str | None, sandbox: str | None,
-        faults: tuple[str, ...], quiet: bool) -> None:
+        faults: tuple[str, ...], compare_to: str | None, quiet: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
     Exit status: 0 passed, 1 a gate failed, 2 error.
@@ -94,7 +96,7 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
                                 ("run", "seed", seed), ("gates", "enabled", gates),
                                 ("run", "faults", list(faults) or None), ("cluster", "executor", executor),
                                 ("cluster", "ray_address", ray_address), ("cluster", "mode", mode),
-                                ("run", "mode", run_mode), ("run", "policy", policy),
+                                ("run", "mode", run_mode), ("run", "policy", policy), ("run", "compare_to", compare_to),
                                 ("cluster", "train_devices", train_devices),
                                 ("cluster", "rollout_devices", rollout_devices), ("sandbox", "backend", sandbox)):
         if value is not None:
@@ -294,11 +296,12 @@ def serve(ctx: click.Context, model: str, device: str, dtype: str, host: str, po
 
 
 def _add_builtin_groups() -> None:
-    from .compare.commands import diff_command
+    from .compare.commands import baseline_group, diff_command
     from .retrieval.commands import search_index, search_server
     from .sandbox.commands import sandbox
 
     cli.add_command(diff_command)
+    cli.add_command(baseline_group)
     cli.add_command(sandbox)
     cli.add_command(search_server)
     cli.add_command(search_index)

@@ -31,6 +31,9 @@ class RunSection:
     faults: list = field(default_factory=list)  # injected faults (gates/faults.py), for proving gates
     mode: str = "train"  # train (rollout + GRPO step + sync) | eval (rollout and scoring only, pass^k per task)
     policy: str = "model"  # model (the engine samples) | gold (replay the scenario's gold actions; eval only)
+    compare_to: str = ""  # "" | baseline (the matching archived run) | a run dir or report: the `baseline` gate
+    baselines: str = ""  # the baseline archive ("" = $AGENTBENCH_NPU_BASELINES or ./baselines)
+    compare_tolerances: str = ""  # a tolerance TOML for the comparison (docs/diff.md)
 
 
 @dataclass(frozen=True)

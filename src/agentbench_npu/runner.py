@@ -129,6 +129,9 @@ class Runner:
         self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
         self.gates = select_gates(gates, c)
+        for gate in self.gates:
+            if hasattr(gate, "check"):  # bad input a gate can see now rather than after the run
+                gate.check(c)
         self.thresholds = thresholds_for(self.device.name, c)
         preflight(c)
         self.faults = []

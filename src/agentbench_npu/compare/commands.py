@@ -77,3 +77,62 @@ def _print_table(result: DiffResult) -> None:
     for name in result.only_in_candidate:
         console.print(f"scenario {escape(name)}: in the candidate only, no baseline to compare with")
     console.print(("[green]" if result.within else "[bold red]") + headline(result) + "[/]")
+
+
+@click.group("baseline")
+def baseline_group() -> None:
+    """The baseline archive: passed runs kept to compare later runs with (`run --compare-to baseline`)."""
+
+
+_ARCHIVE = click.option("--archive", type=click.Path(file_okay=False, path_type=Path),
+                        help="the archive dir (default $AGENTBENCH_NPU_BASELINES, else ./baselines)")
+
+
+@baseline_group.command("save")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--name", help="the baseline's name (default: device-model-digest-time)")
+@_ARCHIVE
+def baseline_save(run_dir: Path, name: str | None, archive: Path | None) -> None:
+    """Keep RUN_DIR's report (a passed run) in the archive with its fingerprint."""
+    from .baselines import save
+
+    target = save(run_dir, name, archive)
+    Console().print(f"saved baseline {escape(str(target))}")
+
+
+@baseline_group.command("list")
+@click.option("--scenario", help="only this scenario's baselines")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@_ARCHIVE
+def baseline_list(scenario: str | None, as_json: bool, archive: Path | None) -> None:
+    """The archived baselines, oldest first."""
+    from .baselines import archive_dir, entries
+
+    found = entries(archive, scenario)
+    if as_json:
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+        return
+    table = Table(title=f"baselines in {archive_dir(archive)}", title_justify="left")
+    for column in ("scenario", "name", "device", "model", "comparable digest", "saved"):
+        table.add_column(column, overflow="fold")
+    for e in found:
+        table.add_row(*(escape(str(e.get(k))) for k in ("scenario", "name", "device", "model", "comparable_digest",
+                                                          "saved_at")))
+    Console(width=None if sys.stdout.isatty() else 160).print(table if found else "no baselines yet")
+
+
+@baseline_group.command("show")
+@click.argument("name")
+@_ARCHIVE
+def baseline_show(name: str, archive: Path | None) -> None:
+    """A baseline's fingerprint and the summary of its run (NAME or its path)."""
+    from .baselines import find
+
+    entry = find(name, archive)
+    report = json.loads((Path(entry["path"]) / "report.json").read_text())
+    gates = ", ".join(f"{g['name']} {'pass' if g['passed'] else 'FAIL'}" for g in report.get("gates", []))
+    lines = [f"{k}: {entry.get(k)}" for k in ("name", "scenario", "device", "device_name", "model",
+                                              "comparable_digest", "saved_at", "source", "path")]
+    lines += [f"steps: {len(report.get('steps', []))}", f"gates: {gates or 'none'}",
+              f"summary: {json.dumps(report.get('summary', {}))}"]
+    sys.stdout.write("\n".join(lines) + "\n")

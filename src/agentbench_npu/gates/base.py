@@ -34,7 +34,8 @@ class Gate(Protocol):
     description          one line: what it measures
     applies(config)      False when the run cannot be judged by this gate (e.g. one step only)
     evaluate(ctx)        a GateResult: name, passed, value, threshold, detail (where it broke)
-    Optional: `split_step(config)` — a step after which the runner saves a checkpoint for the gate.
+    Optional: `split_step(config)` — a step after which the runner saves a checkpoint for the gate;
+              `check(config)` — raise UserError on bad input the gate can see before the run starts.
     """
 
     name: str

@@ -1,6 +1,7 @@
 """Built-in gates and faults, registered through the same hooks a third party uses."""
 
 from ..hookspecs import hookimpl
+from .baseline import BaselineGate
 from .continuity import CheckpointContinuityGate
 from .faults import FAULTS
 from .logprob import LogprobAlignmentGate
@@ -16,6 +17,7 @@ def register_gates(register):
     register(ReproducibilityGate())
     register(CheckpointContinuityGate())
     register(RanksGate())
+    register(BaselineGate())
 
 
 @hookimpl
