@@ -19,6 +19,7 @@ from . import __version__
 from .config import resolve
 from .recipes import Layer, load_toml, parse_set, profile_layer, split_profiles
 from .errors import UserError, one_line
+from .gates.base import SECOND_RUN_ENV
 from .plugins import KINDS, Plugins, load_plugins
 
 # Not on a terminal (CI logs, pipes) rich would assume 80 columns and cut the step table.
@@ -117,8 +118,31 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     runner = Runner(config, plugins, out_dir, resume=resume, progress=None if quiet else _RichProgress())
     runner.prepare()
     report = runner.execute()
+    if not os.environ.get(SECOND_RUN_ENV):  # a gate's second run is read by its gate, not by people
+        render_report(runner.run.out_dir)
     _print_summary(report)
     ctx.exit(EXIT_OK if report["status"] == "passed" else EXIT_GATE_FAILED)
+
+
+def render_report(run_dir: Path) -> None:
+    """report.md and report.html next to report.json; a plotting failure is reported, the run stands."""
+    from .report.render import render_run
+
+    try:
+        render_run(run_dir)
+    except Exception as exc:
+        err_console.print(f"[yellow]warning:[/] report.md / report.html not written: {escape(one_line(exc))}; "
+                          f"`agentbench-npu report {escape(str(run_dir))}` retries")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def report(run_dir: Path) -> None:
+    """Write RUN_DIR's report.md and self-contained report.html (with its curves) from its report.json."""
+    from .report.render import render_run
+
+    for path in render_run(run_dir):
+        out_console.print(f"wrote {escape(str(path))}")
 
 
 def _split_modes(modes: tuple[str, ...]) -> tuple[str | None, str | None]:
@@ -208,7 +232,9 @@ def _print_summary(report: dict[str, Any]) -> None:
         out_console.print(f"gate {gate['name']}: {mark}  {escape(str(gate['detail']))}", soft_wrap=True)
         out_console.print(f"    measured {_compact(gate['value'])}  threshold {_compact(gate['threshold'])}",
                           highlight=False, soft_wrap=True)
-    out_console.print(f"report: {Path(report['run_dir']) / 'report.json'}")
+    run_dir = Path(report["run_dir"])
+    also = " (and report.md, report.html)" if (run_dir / "report.html").is_file() else ""
+    out_console.print(f"report: {run_dir / 'report.json'}{also}")
 
 
 EXECUTORS = {

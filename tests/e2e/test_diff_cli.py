@@ -25,7 +25,7 @@ DEFAULTS = tomllib.loads((REPO / "scenarios" / "diff.toml").read_text(encoding="
 STEPS = 4
 
 
-def agentbench(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def agentbench(*args: str, cwd: Path, timeout: float = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "agentbench_npu", *args], cwd=cwd, env=dict(os.environ),
                           capture_output=True, text=True, timeout=timeout)
 

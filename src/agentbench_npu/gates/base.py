@@ -22,6 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+SECOND_RUN_ENV = "AGENTBENCH_NPU_SECOND_RUN"  # set in a gate's second run (no report.md / report.html there)
 THRESHOLD_KEYS = ("logprob_mean", "logprob_max", "logprob_kl", "spike_factor", "spike_floor", "sync_probe_max",
                   "repro_tolerance", "continuity_tolerance")
 _PRECISION = {"float32": 32, "bfloat16": 16, "float16": 16}
@@ -103,7 +104,7 @@ def subprocess_rerun(scenario: str, recipe: Path) -> Callable[[list[str], Path],
     def rerun(extra: list[str], out: Path) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "agentbench_npu", "run", scenario, "--recipe", str(recipe), "--gates", "none",
                "--out", str(out), "-q", *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, SECOND_RUN_ENV: "1"})
         report_path = out / "report.json"
         if proc.returncode != 0 or not report_path.is_file():
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
