@@ -129,6 +129,9 @@ class Runner:
         self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
         self.gates = select_gates(gates, c)
+        if c.run.compare_to and self.gates and not any(g.name == "baseline" for g in self.gates):
+            raise UserError("--compare-to is judged by the baseline gate, which --gates leaves out; add baseline "
+                            "to --gates")
         for gate in self.gates:
             if hasattr(gate, "check"):  # bad input a gate can see now rather than after the run
                 gate.check(c)
@@ -139,7 +142,8 @@ class Runner:
             fault = self.plugins.get("fault", name).obj
             reason = fault.cannot_bite(c)
             catcher = gates.get(fault.caught_by)
-            if reason is None and catcher is not None and not catcher.applies(c):
+            # only where gates judge this run: a gate's own second run (gates none) carries the fault along
+            if reason is None and self.gates and catcher is not None and not catcher.applies(c):
                 reason = f"the gate that catches it ({fault.caught_by}) does not apply: it needs {catcher.requirement}"
             if reason:
                 raise UserError(f"fault '{name}' would not change this run: {reason}")

@@ -153,3 +153,11 @@ def test_run_compare_to_a_path_that_does_not_exist_exits_2_before_the_run(work):
     assert proc.returncode == 2
     assert "run.compare_to 'does-not-exist' does not exist" in one_error_line(proc)
     assert not (work / "nope").exists()
+
+
+def test_run_compare_to_with_gates_that_leave_the_baseline_gate_out_exits_2_before_the_run(work, archived):
+    proc = agentbench("run", "base", *STEPS, "-q", "--out", "left-out", "--compare-to", "ref", "--gates",
+                      "weight_sync", cwd=work, timeout=300)
+    assert proc.returncode == 2
+    assert "--compare-to is judged by the baseline gate, which --gates leaves out" in one_error_line(proc)
+    assert not (work / "left-out").exists()

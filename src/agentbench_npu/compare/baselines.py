@@ -64,7 +64,8 @@ def save(run: Path, name: str | None = None, archive: str | Path | None = None) 
     if report.get("status") != "passed":
         raise UserError(f"{where}: the run's status is {report.get('status')}; a baseline must be a passed run")
     print_ = fingerprint(report)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    now = datetime.now(timezone.utc)
+    stamp = now.strftime("%Y%m%dT%H%M%S")
     name = name or f"{print_['device']}-{_slug(str(print_['model']))}-{print_['comparable_digest']}-{stamp}"
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise UserError(f"baseline name '{name}': use letters, digits, '.', '_' and '-'")
@@ -74,7 +75,7 @@ def save(run: Path, name: str | None = None, archive: str | Path | None = None) 
     with atomic_directory(target) as tmp:
         shutil.copy(where, tmp / "report.json")
         (tmp / "baseline.json").write_text(json.dumps(
-            {**print_, "name": name, "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            {**print_, "name": name, "saved_at": now.isoformat(timespec="microseconds"),
              "source": str(Path(where).resolve())}, indent=2) + "\n")
     return target
 
@@ -84,6 +85,8 @@ def entries(archive: str | Path | None = None, scenario: str | None = None) -> l
     root = archive_dir(archive)
     out = []
     for meta in sorted(root.glob(f"{scenario or '*'}/*/baseline.json")):
+        if any(part.startswith(".") for part in meta.relative_to(root).parts):
+            continue  # a save in flight, or the temp dir of one a crash cut short (paths.atomic_directory)
         try:
             entry = json.loads(meta.read_text())
         except json.JSONDecodeError:

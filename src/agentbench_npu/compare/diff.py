@@ -125,6 +125,9 @@ def _read_report(file: Path) -> dict[str, Any]:
     if not isinstance(report, dict) or not isinstance(report.get("scenario"), str) or not isinstance(
             report.get("steps"), list):
         raise UserError(f"{file}: not an agentbench-npu report (no 'scenario' and 'steps')")
+    if not all(isinstance(r, dict) and isinstance(r.get("step"), int) and not isinstance(r["step"], bool)
+               for r in report["steps"]):
+        raise UserError(f"{file}: not an agentbench-npu report (a step row without an integer 'step')")
     version = report.get("schema_version")
     if version != SCHEMA_VERSION:
         raise UserError(f"{file}: report schema_version {version!r}; this agentbench-npu reads {SCHEMA_VERSION}. "
@@ -139,6 +142,8 @@ def _defaults() -> dict[str, Any]:
 
 def _layer(table: Mapping[str, Any], where: str) -> tuple[int | None, dict[str, Tolerance]]:
     """(last_k, {metric: Tolerance}) from a table with `last_k` and `[metrics.NAME]`, every value checked."""
+    if not isinstance(table, Mapping):
+        raise UserError(f"{where}: must be a table of last_k and [metrics.NAME], got {table!r}")
     unknown = [k for k in table if k not in ("last_k", "metrics")]
     if unknown:
         raise UserError(f"{where}: unknown key '{unknown[0]}'; a tolerance table holds last_k and [metrics.NAME]")
@@ -146,6 +151,8 @@ def _layer(table: Mapping[str, Any], where: str) -> tuple[int | None, dict[str, 
     if last_k is not None and (not isinstance(last_k, int) or isinstance(last_k, bool) or last_k < 1):
         raise UserError(f"{where}: last_k must be an integer >= 1, got {last_k!r}")
     metrics: dict[str, Tolerance] = {}
+    if not isinstance(table.get("metrics") or {}, Mapping):
+        raise UserError(f"{where}: metrics must be a table of [metrics.NAME], got {table['metrics']!r}")
     for name, entry in (table.get("metrics") or {}).items():
         if not isinstance(entry, dict):
             raise UserError(f"{where}: metrics.{name} must be a table of {', '.join(TOLERANCE_KEYS)}")
@@ -165,6 +172,8 @@ def read_tolerance_file(path: Path | None) -> dict[str, Any]:
         table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise UserError(f"--tolerances {path}: {exc}") from None
+    if not isinstance(table.get("scenarios") or {}, dict):
+        raise UserError(f"{path}: scenarios must be a table of [scenarios.NAME], got {table['scenarios']!r}")
     for name, body in (table.get("scenarios") or {}).items():
         _layer(body, f"{path} [scenarios.{name}]")
     _layer({k: v for k, v in table.items() if k != "scenarios"}, str(path))
@@ -179,9 +188,11 @@ def tolerances_for(scenario: str, recipe_diff: Mapping[str, Any] | None, file: M
               ((file.get("scenarios") or {}).get(scenario, {}), f"{file_name} [scenarios.{scenario}]")]
     last_k, metrics = 3, {}
     for table, where in layers:
-        k, entries = _layer(table, where)
+        k, _ = _layer(table, where)  # checks every value
         last_k = k or last_k
-        metrics.update(entries)
+        for name, entry in (table.get("metrics") or {}).items():  # key by key: setting abs keeps max_gap
+            metrics[name] = Tolerance(**{**(asdict(metrics[name]) if name in metrics else {}),
+                                         **{key: float(v) for key, v in entry.items()}})
     return last_k, metrics
 
 
