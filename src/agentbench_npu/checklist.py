@@ -130,8 +130,10 @@ def status_of(item: Item, installed: set[str], latest: dict[str, tuple[Path, dic
         runs.append({"scenario": scenario, "run": str(run_dir), "status": report.get("status"),
                      "started_at": report.get("started_at"), "gates": gates})
         if report.get("status") != PASSED:
+            failed = [g for g, ok in gates.items() if not ok]
+            why = report.get("error") or (f"gates failed: {', '.join(failed)}" if failed else "")
             problems.append((report.get("status") or "error", f"{scenario}: newest run {run_dir} is "
-                             f"{report.get('status')}" + (f" ({report['error']})" if report.get("error") else "")))
+                             f"{report.get('status')}" + (f" ({why})" if why else "")))
         if report.get("status") == PASSED and len(report.get("steps", [])) < item.min_steps:
             problems.append((UNVERIFIED, f"{scenario}: newest run {run_dir} ran {len(report.get('steps', []))} "
                              f"step(s); the item asks for at least {item.min_steps}"))
