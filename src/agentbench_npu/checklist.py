@@ -105,7 +105,8 @@ def acceptance_gates(report: dict[str, Any], gates: dict[str, Any]) -> list[str]
     from .recipes import Layer
 
     config = dict(report.get("config") or {})
-    sections = {k: v for k, v in config.items() if isinstance(v, dict)}
+    # unset thresholds are recorded as null: leave them unset again
+    sections = {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in config.items() if isinstance(v, dict)}
     try:
         resolved = resolve(report["scenario"], [Layer(sections, "report")], sections.get("task") or {})
     except UserError:
@@ -138,7 +139,7 @@ def status_of(item: Item, installed: set[str], latest: dict[str, tuple[Path, dic
             problems.append((UNVERIFIED, f"{scenario}: newest run {run_dir} ran {len(report.get('steps', []))} "
                              f"step(s); the item asks for at least {item.min_steps}"))
             continue
-        required = acceptance_gates(report, gate_plugins or {}) + [g for g in item.gates if g not in GLOBAL_GATES]
+        required = list(dict.fromkeys(acceptance_gates(report, gate_plugins or {}) + list(item.gates)))
         unevaluated = [g for g in required if g not in gates]
         if report.get("status") == PASSED and unevaluated:
             problems.append((UNVERIFIED, f"{scenario}: newest run {run_dir} did not evaluate "
@@ -157,14 +158,21 @@ def status_of(item: Item, installed: set[str], latest: dict[str, tuple[Path, dic
 
 
 def run_scenarios(items: list[Item], installed: set[str], runs_dir: Path, profile: str | None,
-                  on_start: Callable[[str], None] = lambda name: None) -> None:
-    """Run every installed scenario the items name, once each, into `runs_dir`."""
+                  on_start: Callable[[str], None] = lambda name: None) -> dict[str, str]:
+    """Run every installed scenario the items name, once each, into `runs_dir`; returns scenario -> why, for
+    the runs that stopped before writing a report (an older run must not speak for them)."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    broken = {}
     for scenario in dict.fromkeys(s for i in items for s in i.scenarios if s in installed):
         on_start(scenario)
-        cmd = [sys.executable, "-m", "agentbench_npu", "run", scenario, "--out",
-               str(Path(runs_dir) / f"{scenario}-checklist-{stamp}"), "-q"] + (["--profile", profile] if profile else [])
-        subprocess.run(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out = Path(runs_dir) / f"{scenario}-checklist-{stamp}"
+        cmd = [sys.executable, "-m", "agentbench_npu", "run", scenario, "--out", str(out), "-q"] + (
+            ["--profile", profile] if profile else [])
+        proc = subprocess.run(cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if not (out / "report.json").is_file():
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            broken[scenario] = f"{scenario}: agentbench-npu run exited {proc.returncode} before writing a report: {last}"
+    return broken
 
 
 def junit_xml(statuses: list[ItemStatus]) -> str:
@@ -209,12 +217,17 @@ def checklist_command(ctx: click.Context, runs_dir: Path, run_first: bool, only:
     items = select(load_items(), only)
     installed = set(ctx.find_root().obj.items("scenario"))
     console = Console(width=None if sys.stdout.isatty() else 160)
+    broken: dict[str, str] = {}
     if run_first:
-        run_scenarios(items, installed, runs_dir, profile,
-                      on_start=lambda name: None if as_json else console.print(f"running {escape(name)} …"))
+        broken = run_scenarios(items, installed, runs_dir, profile,
+                               on_start=lambda name: None if as_json else console.print(f"running {escape(name)} …"))
     latest = latest_runs(runs_dir)
     gate_plugins = {name: r.obj for name, r in ctx.find_root().obj.items("gate").items()}
     statuses = [status_of(item, installed, latest, gate_plugins) for item in items]
+    for s in statuses:
+        why = [broken[name] for name in s.item.scenarios if name in broken]
+        if why:
+            s.status, s.detail = "error", why[0]
     if junit is not None:
         atomic_write_text(junit, junit_xml(statuses))
     if as_json:

@@ -117,9 +117,11 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
         raise UserError(f"run dir '{out_dir}' exists and is not empty; pass another --out or --resume it")
     runner = Runner(config, plugins, out_dir, resume=resume, progress=None if quiet else _RichProgress())
     runner.prepare()
-    report = runner.execute()
-    if not os.environ.get(SECOND_RUN_ENV):  # a gate's second run is read by its gate, not by people
-        render_report(runner.run.out_dir)
+    try:
+        report = runner.execute()
+    finally:  # an errored run with steps is one people most want to read
+        if not os.environ.get(SECOND_RUN_ENV) and (runner.run.out_dir / "report.json").is_file():
+            render_report(runner.run.out_dir)  # (a gate's second run is read by its gate, not by people)
     _print_summary(report)
     ctx.exit(EXIT_OK if report["status"] == "passed" else EXIT_GATE_FAILED)
 

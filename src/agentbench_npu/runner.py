@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import os
 import shutil
 import time
 import dataclasses
@@ -27,7 +28,7 @@ from .errors import UserError, one_line
 from .evaluation import EvalRecord, logprob_mismatch
 from .executors import make_cluster, preflight
 from .models.loading import load_tokenizer, resolve_model_dir, torch_dtype
-from .gates.base import GateContext, evaluate_gates, select_gates, subprocess_rerun, thresholds_for
+from .gates.base import SECOND_RUN_ENV, GateContext, evaluate_gates, select_gates, subprocess_rerun, thresholds_for
 from .paths import atomic_write_json, atomic_write_text
 from .probe import SyncProbe, tokens_digest
 from .plugins import Plugins
@@ -129,7 +130,8 @@ class Runner:
         self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
         self.gates = select_gates(gates, c)
-        if c.run.compare_to and self.gates and not any(g.name == "baseline" for g in self.gates):
+        if (c.run.compare_to and not os.environ.get(SECOND_RUN_ENV)
+                and not any(g.name == "baseline" for g in self.gates)):
             raise UserError("--compare-to is judged by the baseline gate, which --gates leaves out; add baseline "
                             "to --gates")
         for gate in self.gates:

@@ -53,3 +53,13 @@ def test_a_failed_gate_makes_its_item_failed_and_the_row_names_the_gate(tmp_path
                                    "--json").stdout)
     assert listed[0]["status"] == "failed"
     assert listed[0]["detail"] == "base: newest run ci/base-strict is failed (gates failed: weight_sync)"
+
+
+def test_a_run_that_stops_before_writing_a_report_is_an_error_not_an_older_pass(tmp_path: Path):
+    proc = agentbench(tmp_path, "checklist", "--run", "--only", "qwen3-4b-colocate", "--runs", "ci", "--profile",
+                      "tnyi", "--json")
+    assert proc.returncode == 1
+    (row,) = json.loads(proc.stdout)
+    assert row["status"] == "error"
+    assert row["detail"].startswith("base: agentbench-npu run exited 2 before writing a report: ")
+    assert "unknown profile 'tnyi'" in row["detail"]

@@ -439,3 +439,10 @@ def test_baseline_gate_check_refuses_a_compare_to_dir_holding_no_report(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no report.json"):
         BaselineGate().check(config(run={"compare_to": str(tmp_path / "empty")}))
+
+
+def test_baseline_gate_fails_when_nothing_could_be_compared(tmp_path):
+    ref = run_dir(tmp_path / "ref", report())
+    result = BaselineGate().evaluate(gate_context(config(run={"compare_to": str(ref)}), tmp_path / "run", []))
+    assert not result.passed
+    assert result.detail.startswith(f"nothing compared with {ref / 'report.json'}: no step to compare")

@@ -145,3 +145,30 @@ def test_junit_passes_passed_items_fails_failed_ones_and_skips_the_rest(tmp_path
     assert suite.attrib == {"name": "agentbench-npu checklist", "tests": "3", "failures": "1", "skipped": "1"}
     cases = {c.attrib["name"]: [child.tag for child in c] for c in suite}
     assert cases == {"colocate: Qwen3-4B colocate": [], "r: ReTool": ["failure"], "n: R3": ["skipped"]}
+
+
+def resolved_report(*layers: dict[str, Any], gates: tuple[str, ...]) -> dict[str, Any]:
+    """A report whose config is what a real run records: the resolved config, unset thresholds as null."""
+    from agentbench_npu.config import resolve
+    from agentbench_npu.recipes import Layer
+
+    recipe = load_plugins().get("scenario", "base").obj.recipe()
+    config = resolve("base", [recipe, *(Layer(v, "test") for v in layers)], recipe.values["task"]).to_dict()
+    data = report(gates={g: True for g in gates})
+    data["config"] = config
+    data["steps"] = [{"step": i} for i in range(config["run"]["steps"])]
+    return data
+
+
+def test_a_real_eval_run_s_config_is_read_and_only_its_applicable_gates_are_asked_for(tmp_path):
+    write(tmp_path, "a", resolved_report({"run": {"mode": "eval"}},
+                                         gates=("logprob_alignment", "weight_sync", "reproducibility")))
+    assert judge(ITEM, tmp_path).status == "passed"
+
+
+def test_an_item_s_own_gate_is_asked_for_even_where_it_would_not_apply(tmp_path):
+    save_resume = Item("save", "Core", "Save / resume", "", ("base",), gates=("checkpoint_continuity",))
+    write(tmp_path, "a", resolved_report({"checkpoint": {"save": False}},
+                                         gates=("logprob_alignment", "weight_sync", "reproducibility")))
+    result = judge(save_resume, tmp_path)
+    assert result.status == "unverified" and "did not evaluate checkpoint_continuity" in result.detail

@@ -227,8 +227,8 @@ def test_same_step_count_but_other_steps_is_noted(tmp_path):
 def test_no_common_step_is_noted_and_compares_no_metric():
     a, b = report(steps=steps_of(reward_mean=[0.5])), report(steps=[{"step": 7, "reward_mean": 0.5}])
     s = compare_reports("base", ("a", a), ("b", b), 3, {"reward_mean": Tolerance()})
-    assert "no step to compare" in s.notes
-    assert s.metrics == []
+    assert "no step to compare: nothing was verified" in s.notes
+    assert s.metrics == [] and not s.within  # nothing compared is never within tolerance
 
 
 def test_equal_step_counts_add_no_note():
@@ -260,14 +260,14 @@ def test_a_gate_that_passed_and_now_fails_regressed_and_fails_the_scenario():
 
 def test_a_gate_that_failed_and_now_passes_is_fixed_and_does_not_fail():
     s = compare_reports("base", ("a", report(gates={"weight_sync": False})),
-                        ("b", report(gates={"weight_sync": True})), 3, {})
+                        ("b", report(gates={"weight_sync": True})), 3, {"reward_mean": Tolerance()})
     assert s.gates[0]["change"] == "fixed"
     assert s.within
 
 
 def test_a_gate_on_one_side_only_is_said_and_does_not_fail():
     s = compare_reports("base", ("a", report(gates={"reproducibility": True})),
-                        ("b", report(gates={"weight_sync": False})), 3, {})
+                        ("b", report(gates={"weight_sync": False})), 3, {"reward_mean": Tolerance()})
     assert {g["gate"]: g["change"] for g in s.gates} == {"reproducibility": "only in baseline",
                                                           "weight_sync": "only in candidate"}
     assert s.within
@@ -275,7 +275,7 @@ def test_a_gate_on_one_side_only_is_said_and_does_not_fail():
 
 def test_a_gate_failing_on_both_sides_is_the_same():
     s = compare_reports("base", ("a", report(gates={"weight_sync": False})),
-                        ("b", report(gates={"weight_sync": False})), 3, {})
+                        ("b", report(gates={"weight_sync": False})), 3, {"reward_mean": Tolerance()})
     assert s.gates[0]["change"] == "same" and s.within
 
 
@@ -648,3 +648,11 @@ def test_split_profiles_drops_the_diff_table_from_the_run_settings():
     resolve("base", [own], {})  # and the run settings resolve: a [diff] section would be refused
     with pytest.raises(UserError, match="unknown section 'diff'"):
         resolve("base", [Layer({"diff": {"last_k": 2}}, "x")], {})
+
+
+
+def test_a_diff_that_compared_nothing_is_not_within_tolerance():
+    empty = compare_reports("base", ("a", report()), ("b", report(steps=[])), 3, {"reward_mean": Tolerance()})
+    assert not empty.within and "no step to compare: nothing was verified" in empty.notes
+    unrecorded = compare_reports("base", ("a", report()), ("b", report()), 3, {"not_a_metric": Tolerance()})
+    assert [m.status for m in unrecorded.metrics] == ["missing"] and not unrecorded.within

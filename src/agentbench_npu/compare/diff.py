@@ -72,7 +72,10 @@ class ScenarioDiff:
 
     @property
     def within(self) -> bool:
-        return all(m.status != "out" for m in self.metrics) and not any(g["change"] == "regressed" for g in self.gates)
+        """Nothing out of tolerance, no gate regressed, and something was compared at all."""
+        return (bool(self.steps_compared) and any(m.status == "ok" for m in self.metrics)
+                and all(m.status != "out" for m in self.metrics)
+                and not any(g["change"] == "regressed" for g in self.gates))
 
 
 @dataclass
@@ -243,7 +246,7 @@ def compare_reports(scenario: str, base: tuple[str, dict], cand: tuple[str, dict
         if report.get("status") != "passed":
             out.notes.append(f"the {side} run's status is {report.get('status')}")
     if not out.steps_compared:
-        out.notes.append("no step to compare")
+        out.notes.append("no step to compare: nothing was verified")
     else:
         for name, tol in tolerances.items():
             out.metrics.append(compare_metric(name, tol, out.steps_compared, brows, crows, last_k))

@@ -66,17 +66,26 @@ class BaselineGate:
                                             run.compare_tolerances or "--tolerances")
         where, baseline = baselines[scenario]
         result = compare_reports(scenario, (where, {**baseline, "gates": []}), ("this run", report), last_k, tolerances)
+        # this run is still being judged: its status is not final yet, and says nothing here
+        result.notes = [n for n in result.notes if not n.startswith("the candidate run's status")]
         atomic_write_json(ctx.run_dir / "comparison.json", DiffResult([result], [], []).to_dict())
         out = [m for m in result.metrics if m.status == "out"]
+        ok = [m for m in result.metrics if m.status == "ok"]
+        missing = [m.metric for m in result.metrics if m.status == "missing"]
         value = {"baseline": baselines[scenario][0], "metrics_out": [m.metric for m in out],
-                 "metrics_compared": len(result.metrics)}
+                 "metrics_compared": len(ok) + len(out)}
         threshold = {"last_k": last_k, "metrics": len(tolerances)}  # each metric's tolerance: comparison.json
         if out:
             problems = [f"{m.metric}: {m.detail}" for m in out]
             detail = problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
             return GateResult(self.name, False, value, threshold, detail + "; comparison.json has the whole diff")
+        if not result.steps_compared or not ok:
+            why = ("no step to compare" if not result.steps_compared else
+                   f"no metric recorded by both ({', '.join(missing) or 'none configured'})")
+            return GateResult(self.name, False, value, threshold, f"nothing compared with {baselines[scenario][0]}: {why}")
         return GateResult(self.name, True, value, threshold,
-                          f"{len(result.metrics)} metrics within tolerance of {baselines[scenario][0]}")
+                          f"{len(ok)} metrics within tolerance of {baselines[scenario][0]}"
+                          + (f"; not recorded by both: {', '.join(missing)}" if missing else ""))
 
 
 def _recipe_diff(scenario: str) -> Any:
