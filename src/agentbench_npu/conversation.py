@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .engines.chat import TOOL_CALL_BLOCK, parse_tool_calls
+from .episode import sample_into
 from .scenario import RolloutContext
 from .types import GenerateResult, SamplingParams, Trajectory
 
@@ -157,13 +158,9 @@ class ChatEpisode:
         """The policy's next turn, sampled by the engine; None when the response budget is spent."""
         if not self._catch_up():
             return None
-        budget = min(sampling.max_new_tokens, self.room)
-        if budget <= 0:
+        result = await sample_into(self.ctx, self.traj, self.context, sampling, min(sampling.max_new_tokens, self.room))
+        if result is None:
             return None
-        result = await self.ctx.engine.generate_one(self.context, sampling.replace(max_new_tokens=budget))
-        self.traj.append_model_tokens(result.output_ids, result.output_logprobs)
-        self.traj.weight_version = result.weight_version
-        self.context += result.output_ids
         text = self.ctx.tokenizer.decode(result.output_ids, skip_special_tokens=False)
         self.shown += text
         message, malformed = assistant_message(text, self.end_of_turn)

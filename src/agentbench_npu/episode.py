@@ -34,13 +34,10 @@ class Episode:
 
     async def policy_turn(self, sampling: SamplingParams) -> tuple[GenerateResult, str] | None:
         """Sample one turn (at most the per-turn and the remaining budget); None when no budget is left."""
-        budget = min(self.ctx.sampling.max_new_tokens, self.room)
-        if budget <= 0:
+        result = await sample_into(self.ctx, self.traj, self.context, sampling,
+                                   min(self.ctx.sampling.max_new_tokens, self.room))
+        if result is None:
             return None
-        result = await self.ctx.engine.generate_one(self.context, sampling.replace(max_new_tokens=budget))
-        self.traj.append_model_tokens(result.output_ids, result.output_logprobs)
-        self.traj.weight_version = result.weight_version
-        self.context += result.output_ids
         turn_text = self.ctx.tokenizer.decode(result.output_ids, skip_special_tokens=True)
         self.text += turn_text
         self.policy_text += turn_text
@@ -59,3 +56,16 @@ class Episode:
         self.traj.response_text = self.text
         self.traj.metadata.update(policy_text=self.policy_text, **metadata)
         return self.traj
+
+
+async def sample_into(ctx: RolloutContext, traj: Trajectory, context: list[int], sampling: SamplingParams,
+                      budget: int) -> GenerateResult | None:
+    """Sample up to `budget` tokens after `context`; they join `traj` as trainable tokens with their log-probs
+    and extend `context` in place. None (nothing sampled) when the budget is spent."""
+    if budget <= 0:
+        return None
+    result = await ctx.engine.generate_one(context, sampling.replace(max_new_tokens=budget))
+    traj.append_model_tokens(result.output_ids, result.output_logprobs)
+    traj.weight_version = result.weight_version
+    context.extend(result.output_ids)
+    return result
