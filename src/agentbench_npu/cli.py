@@ -51,7 +51,9 @@ def cli() -> None:
 @cli.command()
 @click.argument("scenario")
 @click.option("--device", help="cpu | cuda | npu | auto (default: the recipe's, auto)")
-@click.option("--model", help="a tiny model name (tiny) or a local HF checkpoint dir")
+@click.option("--model", help="a tiny model name (tiny, tiny-moe) or a local HF checkpoint dir")
+@click.option("--engine-dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="the engine's weights' dtype (default: the trainer's, float32)")
 @click.option("--steps", type=int, help="total training steps (a resumed run continues up to this)")
 @click.option("--seed", type=int, help="run seed: tasks, sampling and init follow from it")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="run dir (default runs/<scenario>-<time>)")
@@ -76,7 +78,8 @@ def cli() -> None:
               help="diff the run against the matching archived baseline, or a run dir: the `baseline` gate")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
 @click.pass_context
-def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, steps: int | None,
+def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, engine_dtype: str | None,
+        steps: int | None,
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
         overrides: tuple[str, ...], executor: str | None, ray_address: str | None, modes: tuple[str, ...],
         policy: str | None, train_devices: int | None, rollout_devices: int | None, gates: str | None, sandbox: str | None,
@@ -93,7 +96,8 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     own, per_profile = split_profiles(entry.obj.recipe())
     layers: list[Layer] = [own]
     flags: dict[str, dict[str, Any]] = {}
-    for section, key, value in (("run", "device", device), ("model", "name", model), ("run", "steps", steps),
+    for section, key, value in (("run", "device", device), ("model", "name", model),
+                                ("model", "engine_dtype", engine_dtype), ("run", "steps", steps),
                                 ("run", "seed", seed), ("gates", "enabled", gates),
                                 ("run", "faults", list(faults) or None), ("cluster", "executor", executor),
                                 ("cluster", "ray_address", ray_address), ("cluster", "mode", mode),

@@ -109,6 +109,10 @@ class GatesSection:
     repro_steps: int = 2  # steps the second process runs and compares
     continuity_tolerance: float | None = None  # relative; 0 = identical
     continuity_split: int = 0  # the step N to save at and resume from; 0 = half the steps
+    # moe_health (MoE models), per step; non-finite logits, loss, gradients or router logits always fail it
+    moe_dead_fraction: float = 0.1  # share of (layer, expert) pairs that got no token in the step
+    moe_load_imbalance: float = 0.8  # the worst layer's load CV over a total collapse's (sqrt(E/k - 1)); 1 = collapsed
+    moe_router_entropy_min: float = 0.02  # mean router entropy over log(num_experts); ~0 = saturated routers
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,13 @@ async def sample_into(ctx: RolloutContext, traj: Trajectory, context: list[int],
     if budget <= 0:
         return None
     result = await ctx.engine.generate_one(context, sampling.replace(max_new_tokens=budget))
-    traj.append_model_tokens(result.output_ids, result.output_logprobs)
+    routes = result.routed_experts
+    if routes is not None and context != traj.tokens:
+        # the engine read another text than the trajectory holds (a chat template that re-rendered history):
+        # its routes are not this trajectory's; a trajectory like that is not trained on anyway
+        routes, traj.routed_experts = None, None
+        traj.metadata["routed_experts_dropped"] = "the engine's input differed from the trajectory's tokens"
+    traj.append_model_tokens(result.output_ids, result.output_logprobs, routes)
     traj.weight_version = result.weight_version
     context.extend(result.output_ids)
     return result

@@ -34,7 +34,7 @@ class SyncProbe:
         trajs = []
         for request, result in zip(self.requests, results):
             traj = Trajectory(prompt_ids=list(request.input_ids))
-            traj.append_model_tokens(result.output_ids, result.output_logprobs)
+            traj.append_model_tokens(result.output_ids, result.output_logprobs, result.routed_experts)
             trajs.append(traj)
         scored = [t for t in trajs if t.response_length]
         if not scored:

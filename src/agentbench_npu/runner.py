@@ -341,6 +341,7 @@ class Runner:
         extra.update({
             "trajectories": len(trajs),
             "truncated_fraction": sum(t.status == "truncated" for t in trajs) / len(trajs),
+            "aborted_fraction": sum(t.status == "aborted" for t in trajs) / len(trajs),
             "response_length_mean": sum(t.response_length for t in trajs) / len(trajs),
             "weight_version": sync.weight_version,
             "weight_sync_bytes": sync.bytes,

@@ -51,6 +51,7 @@ class SamplingParams:
 class GenerateRequest:
     input_ids: tuple[int, ...]
     sampling: SamplingParams = SamplingParams()
+    return_routed_experts: bool = False  # MoE models: the experts each token was routed to (SGLang's field)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class GenerateResult:
     prompt_tokens: int
     weight_version: int = 0
     matched_stop: str | int | None = None
+    # MoE models, when asked for: int32 [prompt_tokens + len(output_ids) - 1, num_layers, top_k], the experts
+    # every forwarded token was routed to (-1 in layers without experts); None otherwise
+    routed_experts: Any = field(default=None, compare=False, repr=False)
 
 
 class TrajectoryError(ValueError):
@@ -81,6 +85,9 @@ class Trajectory:
     Model tokens are trainable and carry their rollout log-probs; environment tokens (tool output,
     user turns) are not trainable and carry log-prob 0.0. `response_ids`, `loss_mask` and
     `rollout_logprobs` always have equal length: the append methods are the only way in.
+
+    `routed_experts` (MoE models): the engine's expert choice for tokens[:-1] as of the last model turn,
+    int32 [tokens, num_layers, top_k]; the trainer replays it (R3) or compares its own routing with it.
     """
 
     prompt_ids: list[int]
@@ -94,16 +101,26 @@ class Trajectory:
     group: int = 0
     weight_version: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    routed_experts: Any = field(default=None, compare=False, repr=False)
 
-    def append_model_tokens(self, ids: list[int] | tuple[int, ...], logprobs: list[float] | tuple[float, ...]) -> None:
+    def append_model_tokens(self, ids: list[int] | tuple[int, ...], logprobs: list[float] | tuple[float, ...],
+                            routed_experts: Any = None) -> None:
+        """Append sampled tokens. `routed_experts`: the engine's routes for the call that sampled them, whose
+        input was exactly this trajectory's tokens so far (they then cover every token but the new last one)."""
         if len(ids) != len(logprobs):
             raise TrajectoryError(f"{len(ids)} model tokens came with {len(logprobs)} log-probs")
         for lp in logprobs:
             if not math.isfinite(lp) or lp > 1e-6:
                 raise TrajectoryError(f"model token log-prob {lp} is not a finite value <= 0")
+        expected = len(self.prompt_ids) + len(self.response_ids) + len(ids) - 1
+        if routed_experts is not None and routed_experts.shape[0] != expected:
+            raise TrajectoryError(f"routed experts cover {routed_experts.shape[0]} tokens; the call that sampled "
+                                  f"these {len(ids)} tokens after {expected + 1 - len(ids)} must cover {expected}")
         self.response_ids.extend(int(i) for i in ids)
         self.loss_mask.extend([1] * len(ids))
         self.rollout_logprobs.extend(float(lp) for lp in logprobs)
+        if routed_experts is not None:  # the newest call covers every earlier position too
+            self.routed_experts = routed_experts
 
     def append_env_tokens(self, ids: list[int] | tuple[int, ...]) -> None:
         self.response_ids.extend(int(i) for i in ids)

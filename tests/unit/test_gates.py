@@ -542,8 +542,18 @@ def test_rank_divergence_cannot_bite_one_rank_but_can_two():
         config(cluster={"executor": "ray", "train_devices": 2}, rollout={"prompts_per_step": 8})) is None
 
 
+def test_moe_faults_bite_only_moe_models_and_corrupt_routing_only_with_replay():
+    assert "is dense" in fault("nan-expert").cannot_bite(config())
+    assert fault("nan-expert").cannot_bite(config(model={"name": "tiny-moe"})) is None
+    assert "is dense" in fault("corrupt-routing").cannot_bite(config())
+    assert "routing_replay is off" in fault("corrupt-routing").cannot_bite(config(model={"name": "tiny-moe"}))
+    assert fault("corrupt-routing").cannot_bite(
+        config(model={"name": "tiny-moe"}, train={"routing_replay": True})) is None
+
+
 @pytest.mark.parametrize("fault", [f for f in FAULTS if f.name not in
-                                   ("logprob-temperature", "skip-rng-restore", "rank-divergence")],
+                                   ("logprob-temperature", "skip-rng-restore", "rank-divergence", "corrupt-routing",
+                                    "nan-expert")],
                          ids=lambda f: f.name)
 def test_other_faults_can_bite_a_default_run(fault):
     assert fault.cannot_bite(config()) is None

@@ -215,7 +215,7 @@ def user_error(path) -> str:
 
 def test_a_missing_model_path_says_it_is_neither_a_tiny_model_nor_a_directory(tmp_path):
     message = user_error(tmp_path / "Qwen3-4B")
-    assert message.startswith(f"model '{tmp_path / 'Qwen3-4B'}' is neither a tiny model (tiny) nor an existing directory")
+    assert message.startswith(f"model '{tmp_path / 'Qwen3-4B'}' is neither a tiny model (tiny, tiny-moe) nor an existing directory")
     assert "pass a local HF checkpoint dir" in message
 
 

@@ -61,10 +61,10 @@ class BaseScenario:
         prompt_ids = ctx.prompt_ids(task.prompt)
         result = await ctx.engine.generate_one(prompt_ids, ctx.sampling)
         traj = Trajectory(prompt_ids=prompt_ids, task_id=task.id)
-        traj.append_model_tokens(result.output_ids, result.output_logprobs)
+        traj.append_model_tokens(result.output_ids, result.output_logprobs, result.routed_experts)
         traj.response_text = result.text
         traj.weight_version = result.weight_version
-        traj.status = "truncated" if result.finish_reason == "length" else "completed"
+        traj.status = {"length": "truncated", "abort": "aborted"}.get(result.finish_reason, "completed")
         return traj
 
     def reward(self, task: Task, traj: Trajectory) -> float:

@@ -10,7 +10,13 @@ from ..types import GenerateRequest, GenerateResult, SamplingParams
 
 
 class EngineClient(ABC):
-    """Generation with per-token log-probs, plus the weight-update calls RL needs."""
+    """Generation with per-token log-probs, plus the weight-update calls RL needs.
+
+    `return_routed_experts`: on MoE models, every result carries the experts each token was routed to
+    (`GenerateResult.routed_experts`), as if every request had asked for them.
+    """
+
+    return_routed_experts: bool = False
 
     @abstractmethod
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:

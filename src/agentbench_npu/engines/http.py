@@ -8,10 +8,12 @@ scenarios run against either server. Each request is its own POST; the server ba
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 from typing import Any, Sequence
 
 import httpx
+import torch
 
 from ..errors import UserError, one_line
 from ..types import FinishReason, GenerateRequest, GenerateResult, SamplingParams
@@ -39,10 +41,12 @@ def sglang_sampling_params(params: SamplingParams) -> dict[str, Any]:
     return out
 
 
-def result_from_sglang(data: dict[str, Any], prompt_tokens: int, weight_version: int) -> GenerateResult:
+def result_from_sglang(data: dict[str, Any], prompt_tokens: int, weight_version: int,
+                       routes_shape: tuple[int, int] | None = None) -> GenerateResult:
     """A /generate response (requested with return_logprob) as a GenerateResult.
 
     `weight_version` is used when the server reports none or a non-integer one (SGLang's is a label).
+    `routes_shape`: (num_layers, top_k) of the served MoE model, to read `meta_info.routed_experts`.
     """
     meta = data.get("meta_info") or {}
     pairs = meta.get("output_token_logprobs")
@@ -58,6 +62,10 @@ def result_from_sglang(data: dict[str, Any], prompt_tokens: int, weight_version:
         version = int(meta.get("weight_version"))
     except (TypeError, ValueError):
         version = weight_version
+    routes = None
+    if meta.get("routed_experts") is not None and routes_shape is not None:
+        tokens = int(meta.get("prompt_tokens", prompt_tokens)) + len(pairs) - 1
+        routes = decode_routed_experts(meta["routed_experts"], tokens, *routes_shape)
     return GenerateResult(
         output_ids=tuple(int(p[1]) for p in pairs),
         output_logprobs=tuple(float(p[0]) for p in pairs),
@@ -66,7 +74,21 @@ def result_from_sglang(data: dict[str, Any], prompt_tokens: int, weight_version:
         prompt_tokens=int(meta.get("prompt_tokens", prompt_tokens)),
         weight_version=version,
         matched_stop=finish.get("matched") if isinstance(finish, dict) else None,
+        routed_experts=routes,
     )
+
+
+def decode_routed_experts(encoded: Any, tokens: int, num_layers: int, top_k: int) -> torch.Tensor:
+    """SGLang's `meta_info.routed_experts` (base64 of int32) as a [tokens, num_layers, top_k] tensor."""
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (TypeError, ValueError) as exc:
+        raise EngineRequestError(f"the engine server's meta_info.routed_experts is not base64: {one_line(exc)}") from exc
+    expected = tokens * num_layers * top_k
+    if len(raw) != 4 * expected:
+        raise EngineRequestError(f"the engine server returned {len(raw) // 4} routed-expert ids; {tokens} tokens "
+                                 f"(prompt + output - 1) x {num_layers} layers x top-{top_k} make {expected}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.int32).view(tokens, num_layers, top_k)
 
 
 class HttpEngine(EngineClient):
@@ -75,8 +97,13 @@ class HttpEngine(EngineClient):
     name = "http"
 
     def __init__(self, url: str, *, timeout: float = 600.0, max_connections: int = 256,
-                 transport: httpx.AsyncBaseTransport | None = None):
-        """`timeout` bounds each HTTP call in seconds; `transport` replaces the network (tests, proxies)."""
+                 transport: httpx.AsyncBaseTransport | None = None, return_routed_experts: bool = False,
+                 routes_shape: tuple[int, int] | None = None):
+        """`timeout` bounds each HTTP call in seconds; `transport` replaces the network (tests, proxies);
+        `return_routed_experts` asks for every request's routes (MoE; `routes_shape` = (layers, top_k), else
+        read from our server's /get_model_info)."""
+        self.return_routed_experts = return_routed_experts
+        self.routes_shape = routes_shape
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.max_connections = max_connections
@@ -121,8 +148,21 @@ class HttpEngine(EngineClient):
     async def _generate(self, request: GenerateRequest) -> GenerateResult:
         body = {"input_ids": list(request.input_ids), "sampling_params": sglang_sampling_params(request.sampling),
                 "return_logprob": True}
+        routes_shape = None
+        if request.return_routed_experts or self.return_routed_experts:
+            body["return_routed_experts"] = True
+            routes_shape = self.routes_shape or await self._routes_shape()
         data = await self._call("POST", "/generate", body)
-        return result_from_sglang(data, len(request.input_ids), self.weight_version)
+        return result_from_sglang(data, len(request.input_ids), self.weight_version, routes_shape)
+
+    async def _routes_shape(self) -> tuple[int, int]:
+        """(num_layers, top_k) of the served MoE model, from our server's /get_model_info."""
+        moe = (await self.model_info()).get("moe")
+        if not isinstance(moe, dict):
+            raise EngineRequestError(f"the engine server at {self.url} does not describe its experts in "
+                                     "/get_model_info; pass routes_shape=(num_hidden_layers, num_experts_per_tok)")
+        self.routes_shape = (int(moe["num_layers"]), int(moe["top_k"]))
+        return self.routes_shape
 
     async def update_weights_from_disk(self, path: str | Path) -> int:
         data = await self._call("POST", "/update_weights_from_disk", {"model_path": str(path)})

@@ -3,6 +3,10 @@
 Concurrent `generate` calls from many agent loops are gathered into one batch per decoding pass
 (engines/batching.py; left-padded prefill, then step-by-step decode); the compute runs in a worker
 thread so the event loop (tools, sandboxes, HTTP) stays responsive.
+
+On MoE models the engine records the experts every forwarded token was routed to, for the requests that
+ask (`return_routed_experts`, or the engine's own flag of that name). A row whose logits turn non-finite
+(NaN weights, an overflow) stops there with finish reason "abort" instead of sampling from NaN.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..models.moe import moe_spec, routing
 from ..sync.checksum import weights_checksum
 from ..types import GenerateRequest, GenerateResult, SamplingParams
 from .base import EngineClient
@@ -38,6 +43,7 @@ class ReferenceEngine(EngineClient):
         self._batcher = RequestBatcher(lambda batch: asyncio.to_thread(self.generate_batch, batch), max_batch)
         self.eos_ids = _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
+        self.moe = moe_spec(self.model)
 
     @classmethod
     def create(cls, model_dir: Path, *, tokenizer: Any, dtype: str, device: torch.device, seed: int = 0,
@@ -74,6 +80,7 @@ class ReferenceEngine(EngineClient):
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
             "device": str(self.device),
             "runner": type(self.runner).__name__,
+            **({"moe": self.moe.to_dict()} if self.moe is not None else {}),
         }
 
     # -- in-process API (colocated trainer) ---------------------------------------------------
@@ -134,10 +141,20 @@ class ReferenceEngine(EngineClient):
         out_lps: list[list[float]] = [[] for _ in range(n)]
         finish: list[tuple[str, Any] | None] = [None if p.max_new_tokens > 0 else ("length", None) for p in params]
 
+        capture = self.moe is not None and (self.return_routed_experts or any(r.return_routed_experts for r in requests))
+        routes: list[list[torch.Tensor]] = [[] for _ in range(n)]
         state = self.runner.start(n, width + budget)
-        logits = self.runner.forward(state, ids, positions, key_valid)
+        logits, captured = self._forward(state, ids, positions, key_valid, capture)
+        if captured is not None:
+            captured = captured.view(n, width, *captured.shape[1:])
+            for i in range(n):
+                routes[i].append(captured[i, width - prompt_lens[i]:])
         next_pos = positions[:, -1:] + 1
         for step in range(budget):
+            finite = torch.isfinite(logits).all(-1).tolist()
+            for i in range(n):
+                if finish[i] is None and not finite[i]:
+                    finish[i] = ("abort", None)
             active = [i for i in range(n) if finish[i] is None]
             if not active:
                 break
@@ -162,7 +179,10 @@ class ReferenceEngine(EngineClient):
             if all(f is not None for f in finish):
                 break
             key_valid[:, width + step] = True
-            logits = self.runner.forward(state, tokens[:, None], next_pos, key_valid)
+            logits, captured = self._forward(state, tokens[:, None], next_pos, key_valid, capture)
+            if captured is not None:
+                for i in active:
+                    routes[i].append(captured[i:i + 1])
             next_pos = next_pos + 1
 
         results = []
@@ -172,12 +192,24 @@ class ReferenceEngine(EngineClient):
             if isinstance(matched, str):
                 cut = text.find(matched)
                 text = text[:cut] if cut >= 0 else text
+            wanted = capture and (self.return_routed_experts or requests[i].return_routed_experts)
             results.append(GenerateResult(
                 output_ids=tuple(out_ids[i]), output_logprobs=tuple(out_lps[i]), text=text,
                 finish_reason=reason, prompt_tokens=prompt_lens[i], weight_version=self.weight_version,
                 matched_stop=matched,
+                # every forwarded token but the last sampled one (which no forward pass read)
+                routed_experts=torch.cat(routes[i])[:prompt_lens[i] + len(out_ids[i]) - 1] if wanted else None,
             ))
         return results
+
+    def _forward(self, state: Any, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
+                 capture: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the last position, and with `capture` the routes of every token of `ids` [B*T, layers, k]."""
+        if not capture:
+            return self.runner.forward(state, ids, positions, key_valid), None
+        with routing(self.model, self.moe, capture=True) as session:
+            logits = self.runner.forward(state, ids, positions, key_valid)
+        return logits, session.routes()
 
     def _reported_logprobs(self, logits: torch.Tensor, logprobs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """The log-probs reported for the chosen tokens: those of the distribution sampled from."""

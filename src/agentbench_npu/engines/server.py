@@ -8,6 +8,7 @@ deep inside decoding.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
@@ -15,6 +16,7 @@ import uuid
 from typing import Any, Callable
 
 import fastapi
+import torch
 import uvicorn
 from fastapi.responses import JSONResponse, Response
 
@@ -74,7 +76,7 @@ SGLANG_DEFAULTS: dict[str, Any] = {
     "skip_special_tokens": True, "spaces_between_special_tokens": True, "no_stop_trim": False,
 }
 GENERATE_FIELDS = ("input_ids", "text", "sampling_params", "return_logprob", "return_text_in_logprobs", "rid",
-                   "stream", "logprob_start_len", "top_logprobs_num")
+                   "stream", "logprob_start_len", "top_logprobs_num", "return_routed_experts")
 GENERATE_DEFAULTS = {"stream": False, "top_logprobs_num": 0}  # logprob_start_len only concerns input log-probs
 CHAT_FIELDS = ("model", "messages", "tools", "tool_choice", "max_tokens", "max_completion_tokens", "temperature",
                "top_p", "stop", "seed", "n", "logprobs", "top_logprobs", "stream", "user", "parallel_tool_calls",
@@ -127,12 +129,18 @@ def generate_response(result: GenerateResult, rid: str, return_logprob: bool,
         "id": rid, "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.output_ids),
         "finish_reason": finish, "weight_version": result.weight_version,
     }
+    if result.routed_experts is not None:  # SGLang's wire format: base64 of int32 [tokens - 1, layers, top_k]
+        meta["routed_experts"] = encode_routed_experts(result.routed_experts)
     if return_logprob:
         meta["output_token_logprobs"] = [
             [lp, tid, token_text(tid) if token_text else None]
             for lp, tid in zip(result.output_logprobs, result.output_ids)
         ]
     return {"text": result.text, "output_ids": list(result.output_ids), "meta_info": meta}
+
+
+def encode_routed_experts(routes: Any) -> str:
+    return base64.b64encode(routes.to(torch.int32).contiguous().numpy().tobytes()).decode("ascii")
 
 
 async def _json_body(request: fastapi.Request) -> dict[str, Any]:
@@ -198,11 +206,14 @@ def create_app(engine: ReferenceEngine) -> fastapi.FastAPI:
             params = [sampling_from_json(p, f"sampling_params[{i}]") for i, p in enumerate(raw_params)]
         else:
             params = [sampling_from_json(raw_params)] * len(items)
+        routed = _bool(body.get("return_routed_experts") or False, "return_routed_experts")
+        if routed and engine.moe is None:
+            raise BadRequest("return_routed_experts: the served model has no experts to route to (it is dense)")
         requests = []
         for i, (item, sp) in enumerate(zip(items, params)):
             path = f"{field}[{i}]" if batch else field
             ids = item if field == "input_ids" else encode(item, path)
-            requests.append(GenerateRequest(check_prompt(ids, path, sp.max_new_tokens), sp))
+            requests.append(GenerateRequest(check_prompt(ids, path, sp.max_new_tokens), sp, return_routed_experts=routed))
         rids = body.get("rid")
         rids = rids if isinstance(rids, list) and len(rids) == len(items) else [rids] * len(items)
         return_logprob = _bool(body.get("return_logprob") or False, "return_logprob")

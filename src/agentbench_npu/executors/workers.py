@@ -162,6 +162,8 @@ class EngineWorker:
             model_dir, tokenizer=tokenizer, dtype=c.model.engine_dtype or c.model.dtype, device=torch_device,
             seed=c.run.seed, attn_implementation=c.model.attn_implementation,
         )
+        # MoE models: the trainer replays or compares the engine's routes (dense engines ignore the flag)
+        self.engine.return_routed_experts = bool(c.train.get("routing_replay") or c.train.get("routing_compare", True))
         for fault in self.spec.faults:
             if fault.role == self.role:
                 fault.inject(self)

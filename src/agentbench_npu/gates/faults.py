@@ -144,6 +144,50 @@ def _shuffled_data_order(runner: Any) -> None:
     runner._tasks = tasks
 
 
+def _corrupt_routing(worker: Any) -> None:
+    """Routing replay uses the wrong experts: every recorded expert id is shifted by one (mod num_experts)."""
+    worker.trainer.corrupt_routes = 1
+
+
+def _needs_replay(config: RunConfig) -> str | None:
+    from ..models.moe import model_is_moe
+
+    if not model_is_moe(config.model.name):
+        return f"model '{config.model.name}' is dense: it has no routes to replay; use an MoE model (tiny-moe)"
+    if not config.train.get("routing_replay", False):
+        return "train.routing_replay is off, so no recorded route is replayed; run scenario r3 or set it to true"
+    return None
+
+
+def _nan_expert(worker: Any) -> None:
+    """One expert's weights turn NaN in the trainer just before its first training step (a corrupt shard, an
+    overflowing kernel): what trains on it, and the engine it is synced to, meet NaN."""
+    from ..models.moe import routers
+
+    trainer = worker.trainer
+    original = trainer.train_step
+
+    def train_step(trajs: Any) -> dict[str, Any]:
+        if not getattr(trainer, "_nan_expert_done", False):
+            trainer._nan_expert_done = True
+            _, router = routers(trainer.model)[0]
+            layer = next(m for m in trainer.model.modules() if getattr(m, "gate", None) is router)
+            with torch.no_grad():
+                for param in layer.experts.parameters():  # fused [experts, ...] tensors: expert 0's slices
+                    param[0].fill_(float("nan"))
+        return original(trajs)
+
+    trainer.train_step = train_step
+
+
+def _needs_moe(config: RunConfig) -> str | None:
+    from ..models.moe import model_is_moe
+
+    if model_is_moe(config.model.name):
+        return None
+    return f"model '{config.model.name}' is dense: it has no experts; use an MoE model (tiny-moe, scenario moe)"
+
+
 FAULTS = (
     Fault("logprob-temperature", "engine reports log-probs without the sampling temperature applied",
           "logprob_alignment", "engine", _logprob_temperature, also_affects=("weight_sync",), cannot_bite=_needs_temperature),
@@ -165,4 +209,11 @@ FAULTS = (
     Fault("rank-divergence", "one trainer rank steps with its local gradients instead of the all-reduced ones",
           "ranks", "trainer", _rank_divergence, also_affects=("logprob_alignment", "weight_sync"),
           cannot_bite=_needs_ranks),
+    # the probe's trainer log-probs replay the same corrupted routes, so the sync probe disagrees too
+    Fault("corrupt-routing", "routing replay shifts every recorded expert id by one", "logprob_alignment", "trainer",
+          _corrupt_routing, also_affects=("weight_sync",), cannot_bite=_needs_replay),
+    # NaN weights reach the engine with the next sync: it aborts what it cannot sample, nothing trains after
+    Fault("nan-expert", "one expert's weights become NaN before the first training step", "moe_health", "trainer",
+          _nan_expert, also_affects=("logprob_alignment", "weight_sync", "reproducibility", "checkpoint_continuity"),
+          cannot_bite=_needs_moe),
 )

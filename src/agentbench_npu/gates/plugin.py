@@ -5,6 +5,7 @@ from .baseline import BaselineGate
 from .continuity import CheckpointContinuityGate
 from .faults import FAULTS
 from .logprob import LogprobAlignmentGate
+from .moe_health import MoeHealthGate
 from .ranks import RanksGate
 from .reproducibility import ReproducibilityGate
 from .weight_sync import WeightSyncGate
@@ -17,6 +18,7 @@ def register_gates(register):
     register(ReproducibilityGate())
     register(CheckpointContinuityGate())
     register(RanksGate())
+    register(MoeHealthGate())
     register(BaselineGate())
 
 

@@ -32,6 +32,31 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 2048,
         "tie_word_embeddings": True,
     },
+    # the stand-in for Qwen3-30B-A3B: the same architecture (Qwen3-MoE, softmax top-k router with
+    # normalised top-k weights) at toy size, 8 experts, 2 routed per token in every layer
+    "tiny-moe": {
+        "architecture": "Qwen3MoeForCausalLM",
+        "vocab_size": 512,
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 256,
+        "moe_intermediate_size": 64,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
 }
 
 
@@ -54,11 +79,13 @@ def tiny_model_dir(name: str = "tiny", seed: int = 0) -> Path:
 
 
 def build_tiny_model(path: Path, spec: dict[str, Any], seed: int) -> None:
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    import transformers
+    from transformers import GenerationConfig
 
+    config_class, model_class = ARCHITECTURES[spec["architecture"]]
     tokenizer = build_tokenizer(vocab_size=spec["vocab_size"], seed=seed)
     config_kwargs = {k: v for k, v in spec.items() if k != "architecture"}
-    config = Qwen3Config(
+    config = getattr(transformers, config_class)(
         **config_kwargs,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
@@ -67,7 +94,7 @@ def build_tiny_model(path: Path, spec: dict[str, Any], seed: int) -> None:
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
+        model = getattr(transformers, model_class)(config)
     model.generation_config = GenerationConfig(
         eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
         pad_token_id=tokenizer.pad_token_id,

@@ -1,7 +1,7 @@
 """report.md and a self-contained report.html from a run's report.json, with its curves as PNGs.
 
 The plots (matplotlib, drawn off-screen): reward (mean ± std), loss, train/rollout log-prob difference (mean and
-max, log scale) and weight-sync time. They are written to `plots/` in the run dir for report.md, and embedded
+max, log scale) and weight-sync time; for MoE runs also the mismatch with and without routing replay. They are written to `plots/` in the run dir for report.md, and embedded
 in report.html as data URIs, so the HTML opens offline with nothing fetched. Both files are written atomically.
 `agentbench-npu report RUN_DIR` regenerates them from report.json.
 """
@@ -18,9 +18,9 @@ from typing import Any, Callable
 from ..errors import UserError
 from ..paths import atomic_write_text
 
-PLOTS = ("reward", "loss", "logprob_diff", "weight_sync")
+PLOTS = ("reward", "loss", "logprob_diff", "weight_sync", "routing")
 TITLES = {"reward": "Reward", "loss": "Loss", "logprob_diff": "|log p_train − log p_rollout|",
-          "weight_sync": "Weight sync (ms)"}
+          "weight_sync": "Weight sync (ms)", "routing": "MoE: mean |Δlogp| with / without routing replay"}
 
 
 def plot_pngs(steps: list[dict[str, Any]]) -> dict[str, bytes]:
@@ -59,10 +59,20 @@ def plot_pngs(steps: list[dict[str, Any]]) -> dict[str, bytes]:
     def sync(ax: Any) -> None:
         ax.plot(x, [v * 1000 for v in series("weight_sync_seconds")], marker="o", color="#ff7f0e")
 
+    def routing(ax: Any) -> None:
+        for key, label, color in (("logprob_abs_diff_mean_replay", "replay (R3)", "#2ca02c"),
+                                  ("logprob_abs_diff_mean_no_replay", "no replay", "#d62728")):
+            ax.plot(x, [max(v, 1e-12) for v in series(key)], marker="o", color=color, label=label)
+        ax.set_yscale("log")
+        ax.legend(loc="best", fontsize=8)
+
     draw: dict[str, Callable[[Any], None]] = {"reward": reward, "loss": loss, "logprob_diff": logprob,
-                                              "weight_sync": sync}
+                                              "weight_sync": sync, "routing": routing}
+    measured = any("logprob_abs_diff_mean_replay" in s for s in steps)
     out = {}
     for name in PLOTS:
+        if name == "routing" and not measured:
+            continue
         fig = Figure(figsize=(5, 3), dpi=100)
         ax = fig.add_subplot()
         draw[name](ax)
@@ -96,6 +106,11 @@ def _rows(report: dict[str, Any]) -> dict[str, list[list[str]]]:
                    _fmt(1000 * float(s.get("weight_sync_seconds") or 0)), "yes" if s.get("weights_checksum_match") else "NO"]
                   for s in report.get("steps", [])],
         "environment": [[k, _fmt(v)] for k, v in env.items() if not isinstance(v, dict) and v is not None],
+        "routing": [[str(s["step"]), _fmt(s.get("moe_route_agreement")), _fmt(s.get("logprob_abs_diff_mean_replay")),
+                     _fmt(s.get("logprob_abs_diff_mean_no_replay")), _fmt(s.get("kl_replay")),
+                     _fmt(s.get("kl_no_replay")), _fmt(s.get("moe_load_imbalance")), str(s.get("moe_dead_experts")),
+                     _fmt(s["moe_router_entropy"] / s["moe_router_entropy_max"])]
+                    for s in report.get("steps", []) if "moe_router_entropy" in s],
     }
     evaluation = report.get("evaluation")
     if evaluation:
@@ -107,8 +122,11 @@ def _rows(report: dict[str, Any]) -> dict[str, list[list[str]]]:
 
 HEADERS = {"gates": ["gate", "verdict", "measured", "threshold", "detail"],
            "steps": ["step", "reward", "loss", "Δlogp mean", "Δlogp max", "sync ms", "weights synced"],
-           "environment": ["", ""], "pass_hat_k": ["k", "pass^k"], "tasks": ["task", "trials", "successes", "reward"]}
-SECTION_TITLES = {"gates": "Gates", "steps": "Steps", "pass_hat_k": "Evaluation: pass^k",
+           "environment": ["", ""], "pass_hat_k": ["k", "pass^k"], "tasks": ["task", "trials", "successes", "reward"],
+           "routing": ["step", "route agreement", "Δlogp replay", "Δlogp no replay", "k3 replay", "k3 no replay",
+                       "load imbalance", "dead experts", "router entropy / max"]}
+SECTION_TITLES = {"gates": "Gates", "steps": "Steps", "routing": "MoE routing (engine vs trainer)",
+                  "pass_hat_k": "Evaluation: pass^k",
                   "tasks": "Evaluation: per task", "environment": "Environment"}
 
 

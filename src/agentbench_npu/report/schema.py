@@ -10,7 +10,13 @@ schema_version 1:
            logprob_abs_diff_max, rollout_seconds, train_seconds, weight_sync_seconds,
            weights_checksum_match, tokens_per_second, ...extra metrics: weights_checksum,
            sync_probe_abs_diff_max, tokens_digest, rank_checksums, weight_sync_transport, ...} ],
-  gates [ {name, passed, value, threshold, detail} ], faults [names], checkpoints [paths], summary {...},
+  gates [ {name, passed, value, threshold, detail} ], faults [names], checkpoints [paths],
+  summary {..., routing (MoE runs) {moe_route_agreement, logprob_abs_diff_mean_replay, logprob_abs_diff_mean_no_replay,
+           kl_replay, kl_no_replay, replay, mismatch_ratio_no_replay_over_replay}},
+  MoE step fields: moe_route_agreement, moe_load_cv, moe_load_imbalance, moe_load_max_min, moe_dead_experts,
+           moe_dead_fraction, moe_router_entropy(_max), moe_nonfinite_router_logits, moe_expert_load {layer: [...]},
+           moe_routing_replay, moe_routes_recorded, logprob_abs_diff_mean_(no_)replay, kl_(no_)replay;
+  every training step: nonfinite_logprobs, nonfinite_loss, skipped_updates, aborted_fraction
   evaluation (eval runs only: run.mode = eval) {policy, pass_hat_k {"1": …, "k": …}, trials_per_task,
              reward_mean, tasks [ {task_id, trials, successes, reward_mean,
                                    runs [ {step, trial, seed, reward, status, ...scenario columns} ]} ]}
@@ -76,4 +82,19 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "weights_checksum_match_all": all(s["weights_checksum_match"] for s in steps),
         "weight_sync_seconds_mean": sum(s["weight_sync_seconds"] for s in steps) / len(steps),
         "tokens_per_second_mean": sum(s["tokens_per_second"] for s in steps) / len(steps),
+        **({"routing": routing_summary(steps)} if any("moe_route_agreement" in s for s in steps) else {}),
     }
+
+
+def routing_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """MoE runs: means over the steps that measured them (a step that trained nothing measured nothing)."""
+    def mean(key: str) -> float | None:
+        values = [s[key] for s in steps if s.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    out = {key: mean(key) for key in ("moe_route_agreement", "logprob_abs_diff_mean_replay",
+                                      "logprob_abs_diff_mean_no_replay", "kl_replay", "kl_no_replay")}
+    out["replay"] = bool(steps[-1].get("moe_routing_replay"))
+    on, off = out["logprob_abs_diff_mean_replay"], out["logprob_abs_diff_mean_no_replay"]
+    out["mismatch_ratio_no_replay_over_replay"] = off / on if on and off is not None else None
+    return out

@@ -4,6 +4,11 @@ One `train_step` takes a batch of trajectories whose rewards are set, computes g
 advantages, recomputes the log-probs of every response token with the current weights (that is the
 "old" policy and the number compared against the engine's rollout log-probs), then runs
 `num_minibatches` optimizer steps, each over micro-batches whose gradients accumulate.
+
+On MoE models the trainer reads the engine's recorded routes (models/moe.py): with `routing_replay` (R3)
+every forward of the step uses them; with `routing_compare` the step also measures the mismatch the other
+way (one more forward without gradients), and reports how often its own router agreed with the engine's.
+A minibatch whose loss or gradients are not finite is not applied (its optimizer step is skipped, counted).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from ..engines.sampling import sampling_logprobs
+from ..models.moe import RoutingError, RoutingStats, moe_spec, routing
 from ..types import Trajectory
 from .losses import group_advantages, k3, ppo_clip_loss
 
@@ -38,6 +44,8 @@ class TrainConfig:
     shuffle_minibatches: bool = True  # trajectories are dealt to minibatches by the global torch RNG
     micro_batch_size: int = 16
     advantage_std_norm: bool = True
+    routing_replay: bool = False  # MoE: replay the engine's recorded experts in every forward (R3)
+    routing_compare: bool = True  # MoE: also measure the train/rollout mismatch with replay the other way
     # the sampling distribution's definition (engines/sampling.py), so log-probs agree with rollout
     temperature: float = 1.0
     top_p: float = 1.0
@@ -55,6 +63,8 @@ class PackedBatch:
     loss_mask: torch.Tensor  # [B, L-1] 1 where the target is trainable
     rollout_logprobs: torch.Tensor  # [B, L-1]
     advantages: torch.Tensor  # [B] per trajectory
+    routes: torch.Tensor | None = None  # [B, L, num_layers, top_k] the engine's recorded experts (MoE)
+    route_mask: torch.Tensor | None = None  # [B, L] True where a position has a recorded route
 
 
 def pack(trajs: Sequence[Trajectory], advantages: Sequence[float], pad_id: int, device: torch.device) -> PackedBatch:
@@ -65,8 +75,20 @@ def pack(trajs: Sequence[Trajectory], advantages: Sequence[float], pad_id: int, 
     resp = torch.zeros((b, width - 1))
     loss = torch.zeros((b, width - 1))
     rollout = torch.zeros((b, width - 1))
+    routes = route_mask = None
+    recorded = [t.routed_experts for t in trajs if t.routed_experts is not None]
+    if recorded:
+        routes = torch.full((b, width, *recorded[0].shape[1:]), -1, dtype=torch.int32)
+        route_mask = torch.zeros((b, width), dtype=torch.bool)
     for i, t in enumerate(trajs):
         n, p, r = len(t.tokens), len(t.prompt_ids), t.response_length
+        if routes is not None and t.routed_experts is not None:
+            k = t.routed_experts.shape[0]
+            if k > n - 1 or tuple(t.routed_experts.shape[1:]) != tuple(routes.shape[2:]):
+                raise RoutingError(f"task {t.task_id}: recorded routes {tuple(t.routed_experts.shape)} do not fit "
+                                   f"{n} tokens of a batch routed as {tuple(routes.shape[2:])}")
+            routes[i, :k] = t.routed_experts
+            route_mask[i, :k] = True
         ids[i, :n] = torch.tensor(t.tokens)
         attn[i, :n] = 1
         # position p-1 predicts the first response token
@@ -77,11 +99,13 @@ def pack(trajs: Sequence[Trajectory], advantages: Sequence[float], pad_id: int, 
         input_ids=ids.to(device), attention_mask=attn.to(device), targets=ids[:, 1:].to(device),
         response_mask=resp.to(device), loss_mask=loss.to(device), rollout_logprobs=rollout.to(device),
         advantages=torch.tensor(list(advantages), dtype=torch.float32, device=device),
+        routes=routes, route_mask=route_mask,
     )
 
 
 def _slice(batch: PackedBatch, rows: slice) -> PackedBatch:
-    return PackedBatch(*(getattr(batch, f)[rows] for f in PackedBatch.__dataclass_fields__))
+    return PackedBatch(*(None if getattr(batch, f) is None else getattr(batch, f)[rows]
+                         for f in PackedBatch.__dataclass_fields__))
 
 
 class Trainer:
@@ -102,17 +126,40 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
+        self.moe = moe_spec(model)
+        if config.routing_replay and self.moe is None:
+            raise RoutingError(f"train.routing_replay needs a mixture-of-experts model; {type(model).__name__} is dense")
+        self.corrupt_routes = 0  # the corrupt-routing fault: replayed expert ids shifted by this much
         self.ref_model = None
         if config.kl_coef > 0:
             self.ref_model = (reference if reference is not None else copy.deepcopy(model)).eval().requires_grad_(False)
 
     # -- log-probs ---------------------------------------------------------------------------
+    def _forward(self, model: torch.nn.Module, batch: PackedBatch, replay: bool | None = None,
+                 stats: RoutingStats | None = None) -> torch.Tensor:
+        """The model's logits for the batch; on MoE models through the routing hooks (replay per config
+        unless `replay` says otherwise; `stats` collects what the routers did)."""
+        if self.moe is None:
+            return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        replay = self.config.routing_replay if replay is None else replay
+        recorded = use = None
+        if batch.routes is not None:
+            recorded = batch.routes.reshape(-1, *batch.routes.shape[2:])
+            use = batch.route_mask.reshape(-1)
+        valid = batch.attention_mask.reshape(-1).bool() if stats is not None else None
+        with routing(model, self.moe, recorded=recorded, use=use, replay=replay and recorded is not None,
+                     valid=valid, corrupt=self.corrupt_routes) as session:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        if stats is not None:
+            stats.add(session.stats)
+        return logits
+
     def _logprobs(self, model: torch.nn.Module, batch: PackedBatch, *, truncate: bool = True,
-                  with_entropy: bool = False, with_full: bool = False) -> dict[str, torch.Tensor]:
+                  with_entropy: bool = False, with_full: bool = False, replay: bool | None = None,
+                  stats: RoutingStats | None = None) -> dict[str, torch.Tensor]:
         """Per-position log-probs of the targets: `logp` under the sampling distribution (truncated
         when `truncate`), `entropy` of that distribution, and `full` under temperature alone."""
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        logits = out.logits[:, :-1]
+        logits = self._forward(model, batch, replay, stats)[:, :-1]
         c = self.config
         top_p, top_k = (c.top_p, c.top_k) if truncate else (1.0, -1)
         lp_all = sampling_logprobs(logits, c.temperature, top_p, top_k)
@@ -135,14 +182,16 @@ class Trainer:
 
     @torch.no_grad()
     def recompute_logprobs(self, batch: PackedBatch, model: torch.nn.Module | None = None,
-                           truncate: bool = True) -> torch.Tensor:
+                           truncate: bool = True, replay: bool | None = None,
+                           stats: RoutingStats | None = None) -> torch.Tensor:
         model = model or self.model
         was_training = model.training
         model.eval()
         parts = []
         mbs = self.config.micro_batch_size
         for start in range(0, batch.input_ids.shape[0], mbs):
-            parts.append(self._logprobs(model, _slice(batch, slice(start, start + mbs)), truncate=truncate)["logp"])
+            parts.append(self._logprobs(model, _slice(batch, slice(start, start + mbs)), truncate=truncate,
+                                        replay=replay, stats=stats)["logp"])
         model.train(was_training)
         return torch.cat(parts)
 
@@ -186,15 +235,26 @@ class Trainer:
         c = self.config
         trajs = [t for t in trajs if t.response_length > 0]
         if not trajs:
+            if self.group is None:  # every request aborted (say, non-finite logits): record it, change nothing
+                self.scheduler.step()
+                return self._nothing_trained()
             raise ValueError("no trajectory has a response to train on")
+        if c.routing_replay:
+            missing = [t.task_id for t in trajs if t.num_trainable and t.routed_experts is None]
+            if missing:
+                raise RoutingError(f"train.routing_replay is on, but {len(missing)} trajectories with trainable tokens "
+                                   f"carry no routed experts (first: task {missing[0]}); the scenario's rollout must "
+                                   "pass the engine's result.routed_experts to append_model_tokens")
         adv = group_advantages([float(t.reward or 0.0) for t in trajs], [t.group for t in trajs],
                                normalise_std=c.advantage_std_norm)
         if c.shuffle_minibatches and c.num_minibatches > 1:
             order = torch.randperm(len(trajs)).tolist()
             trajs, adv = [trajs[i] for i in order], [adv[i] for i in order]
         batch = pack(trajs, adv, self.pad_id, self.device)
-        old_logp = self.recompute_logprobs(batch)
+        routing_stats = RoutingStats(self.moe.num_experts, self.moe.top_k) if self.moe is not None else None
+        old_logp = self.recompute_logprobs(batch, stats=routing_stats)
         mask = batch.loss_mask
+        nonfinite_logprobs = int((~torch.isfinite(old_logp) & (mask > 0)).sum())
         gap = (old_logp - batch.rollout_logprobs).abs() * mask
         diff = gap[mask > 0]
         worst = None
@@ -214,6 +274,7 @@ class Trainer:
         k = max(1, c.num_minibatches)
         sums = {"loss": 0.0, "entropy": 0.0, "ref_kl": 0.0, "ppo_kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         updates = 0
+        nonfinite_loss = skipped = 0
         # exactly k optimizer steps, whatever n is: every data-parallel rank joins the same collectives
         bounds = [round(i * n / k) for i in range(k + 1)]
         for mb_start, mb_stop in zip(bounds, bounds[1:]):
@@ -236,6 +297,7 @@ class Trainer:
                     total = total + c.kl_coef * kl
                     stats["ref_kl"] += float((kl.detach() * m).sum()) / mb_tokens
                 loss = (total * m).sum() / mb_tokens
+                nonfinite_loss += int(not torch.isfinite(loss.detach()))
                 loss.backward()
                 stats["loss"] += float(loss.detach())
                 stats["entropy"] += float((entropy.detach() * m).sum()) / mb_tokens
@@ -243,7 +305,10 @@ class Trainer:
                 stats["clip_fraction"] += float((clipped * m).sum()) / mb_tokens
             self._reduce_gradients()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
-            self.optimizer.step()
+            if torch.isfinite(grad_norm):  # the norm is of the all-reduced gradients: every rank decides alike
+                self.optimizer.step()
+            else:  # a NaN/Inf gradient would poison every weight it touches: skip, and say so
+                skipped += 1
             for k, v in zip(stats, self._all_reduce(list(stats.values()))):
                 sums[k] += v
             sums["grad_norm"] += float(grad_norm)
@@ -253,8 +318,15 @@ class Trainer:
         means = {k: v / updates for k, v in sums.items()}
         diff_sum, kl_sum, count = self._all_reduce([float(diff.sum()), float(mismatch_kl.sum()), float(diff.numel())])
         (diff_max,) = self._all_reduce([float(diff.max()) if diff.numel() else 0.0], op="max")
+        nonfinite = self._all_reduce([float(nonfinite_logprobs), float(nonfinite_loss)])
         return {
             **means,
+            "nonfinite_logprobs": int(nonfinite[0]),
+            "nonfinite_loss": int(nonfinite[1]),
+            "skipped_updates": skipped,
+            **(self._routing_metrics(batch, old_logp, diff_sum / count if count else 0.0,
+                                     kl_sum / count if count else 0.0, routing_stats)
+               if routing_stats is not None else {}),
             "ref_kl": means["ref_kl"] if ref_logp is not None else None,
             "kl": kl_sum / count if count else 0.0,
             "logprob_abs_diff_mean": diff_sum / count if count else 0.0,
@@ -264,6 +336,41 @@ class Trainer:
             "lr": float(self.scheduler.get_last_lr()[0]),
             "advantage_abs_mean": float(batch.advantages.abs().mean()),
         }
+
+    def _routing_metrics(self, batch: PackedBatch, old_logp: torch.Tensor, diff_mean: float, kl_mean: float,
+                         stats: RoutingStats) -> dict[str, Any]:
+        """MoE health of the step's old-log-prob pass, and with `routing_compare` the mismatch both ways."""
+        c = self.config
+        layers = sorted(stats.load)
+        flat = [float(x) for layer in layers for x in stats.load[layer].tolist()]
+        flat += [stats.entropy_sum, stats.entropy_count, stats.nonfinite_router_logits, stats.agree, stats.compared]
+        flat = self._all_reduce(flat)
+        e = stats.num_experts
+        for j, layer in enumerate(layers):
+            stats.load[layer] = torch.tensor(flat[j * e:(j + 1) * e])
+        (stats.entropy_sum, stats.entropy_count, stats.nonfinite_router_logits, stats.agree,
+         stats.compared) = flat[len(layers) * e:]
+        out = stats.summary()
+        out["moe_routing_replay"] = c.routing_replay
+        out["moe_routes_recorded"] = batch.routes is not None
+        if c.routing_compare and batch.routes is not None:
+            other = self.recompute_logprobs(batch, replay=not c.routing_replay)
+            mask = batch.loss_mask > 0
+            gap = (other - batch.rollout_logprobs).abs()[mask]
+            kl = k3(other.double(), batch.rollout_logprobs.double())[mask]
+            o_diff, o_kl, count = self._all_reduce([float(gap.sum()), float(kl.sum()), float(gap.numel())])
+            o_diff, o_kl = (o_diff / count, o_kl / count) if count else (0.0, 0.0)
+            on, off = ((diff_mean, kl_mean), (o_diff, o_kl)) if c.routing_replay else ((o_diff, o_kl), (diff_mean, kl_mean))
+            out.update({"logprob_abs_diff_mean_replay": on[0], "kl_replay": on[1],
+                        "logprob_abs_diff_mean_no_replay": off[0], "kl_no_replay": off[1]})
+        return out
+
+    def _nothing_trained(self) -> dict[str, Any]:
+        """The metrics of a step that had no response token to train on (the update is skipped)."""
+        return {"loss": 0.0, "entropy": 0.0, "ref_kl": None, "ppo_kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0,
+                "kl": 0.0, "logprob_abs_diff_mean": 0.0, "logprob_abs_diff_max": 0.0, "logprob_worst_token": None,
+                "trainable_tokens": 0, "lr": float(self.scheduler.get_last_lr()[0]), "advantage_abs_mean": 0.0,
+                "nonfinite_logprobs": 0, "nonfinite_loss": 0, "skipped_updates": max(1, self.config.num_minibatches)}
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
