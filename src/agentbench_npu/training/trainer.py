@@ -253,6 +253,10 @@ class Trainer:
         batch = pack(trajs, adv, self.pad_id, self.device)
         routing_stats = RoutingStats(self.moe.num_experts, self.moe.top_k) if self.moe is not None else None
         old_logp = self.recompute_logprobs(batch, stats=routing_stats)
+        # the reference case of the routing comparison, with the same weights (before this step's updates)
+        other_logp = None
+        if routing_stats is not None and c.routing_compare and batch.routes is not None:
+            other_logp = self.recompute_logprobs(batch, replay=not c.routing_replay)
         mask = batch.loss_mask
         nonfinite_logprobs = int((~torch.isfinite(old_logp) & (mask > 0)).sum())
         gap = (old_logp - batch.rollout_logprobs).abs() * mask
@@ -324,7 +328,7 @@ class Trainer:
             "nonfinite_logprobs": int(nonfinite[0]),
             "nonfinite_loss": int(nonfinite[1]),
             "skipped_updates": skipped,
-            **(self._routing_metrics(batch, old_logp, diff_sum / count if count else 0.0,
+            **(self._routing_metrics(batch, other_logp, diff_sum / count if count else 0.0,
                                      kl_sum / count if count else 0.0, routing_stats)
                if routing_stats is not None else {}),
             "ref_kl": means["ref_kl"] if ref_logp is not None else None,
@@ -337,9 +341,10 @@ class Trainer:
             "advantage_abs_mean": float(batch.advantages.abs().mean()),
         }
 
-    def _routing_metrics(self, batch: PackedBatch, old_logp: torch.Tensor, diff_mean: float, kl_mean: float,
+    def _routing_metrics(self, batch: PackedBatch, other: torch.Tensor | None, diff_mean: float, kl_mean: float,
                          stats: RoutingStats) -> dict[str, Any]:
-        """MoE health of the step's old-log-prob pass, and with `routing_compare` the mismatch both ways."""
+        """MoE health of the step's old-log-prob pass; with `other` (the log-probs with replay the other way,
+        same weights) the mismatch both ways."""
         c = self.config
         layers = sorted(stats.load)
         flat = [float(x) for layer in layers for x in stats.load[layer].tolist()]
@@ -353,8 +358,7 @@ class Trainer:
         out = stats.summary()
         out["moe_routing_replay"] = c.routing_replay
         out["moe_routes_recorded"] = batch.routes is not None
-        if c.routing_compare and batch.routes is not None:
-            other = self.recompute_logprobs(batch, replay=not c.routing_replay)
+        if other is not None:
             mask = batch.loss_mask > 0
             gap = (other - batch.rollout_logprobs).abs()[mask]
             kl = k3(other.double(), batch.rollout_logprobs.double())[mask]
