@@ -26,11 +26,11 @@ def test_with_no_runs_nothing_is_passed(tmp_path: Path):
     assert len(rows) == 23 and {r["status"] for r in rows} == {"not run", "not available"}
     covered = {r["id"] for r in rows if r["status"] == "not run"}
     assert covered == {"qwen3-4b-non-colocate", "qwen3-4b-colocate", "save-resume", "multi-node", "retool",
-                       "tau-bench", "search-r1", "search-agent"}
+                       "tau-bench", "search-r1", "search-agent", "r3", "qwen3-30b-a3b"}
 
 
 def test_run_runs_the_items_scenarios_and_reports_them_passed(tmp_path: Path):
-    proc = agentbench(tmp_path, "checklist", "--run", "--only", "qwen3-4b-colocate,save-resume,r3", "--runs", "ci",
+    proc = agentbench(tmp_path, "checklist", "--run", "--only", "qwen3-4b-colocate,save-resume,multimodal", "--runs", "ci",
                       "--junit", "checklist.xml")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "running base" in proc.stdout and "2 passed, 1 not available" in proc.stdout
