@@ -121,6 +121,9 @@ class Trajectory:
         self.rollout_logprobs.extend(float(lp) for lp in logprobs)
         if routed_experts is not None:  # the newest call covers every earlier position too
             self.routed_experts = routed_experts
+        elif self.routed_experts is not None:  # stale now: replaying them would cover only part of the tokens
+            self.routed_experts = None
+            self.metadata["routed_experts_dropped"] = "a later model turn came without routed experts"
 
     def append_env_tokens(self, ids: list[int] | tuple[int, ...]) -> None:
         self.response_ids.extend(int(i) for i in ids)

@@ -88,6 +88,8 @@ def decode_routed_experts(encoded: Any, tokens: int, num_layers: int, top_k: int
     if len(raw) != 4 * expected:
         raise EngineRequestError(f"the engine server returned {len(raw) // 4} routed-expert ids; {tokens} tokens "
                                  f"(prompt + output - 1) x {num_layers} layers x top-{top_k} make {expected}")
+    if expected == 0:  # a one-token prompt that generated nothing: no forwarded token was routed
+        return torch.zeros((0, num_layers, top_k), dtype=torch.int32)
     return torch.frombuffer(bytearray(raw), dtype=torch.int32).view(tokens, num_layers, top_k)
 
 

@@ -12,18 +12,19 @@ ask (`return_routed_experts`, or the engine's own flag of that name). A row whos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from ..models.moe import moe_spec, routing
+from ..models.moe import decoder_layers, moe_spec, routing
 from ..sync.checksum import weights_checksum
 from ..types import GenerateRequest, GenerateResult, SamplingParams
 from .base import EngineClient
 from .batching import RequestBatcher
-from .model_runner import runner_for
+from .model_runner import HFRunner, runner_for
 from .sampling import RowNoise, sample_rows, sampling_logprobs
 
 
@@ -144,7 +145,8 @@ class ReferenceEngine(EngineClient):
         capture = self.moe is not None and (self.return_routed_experts or any(r.return_routed_experts for r in requests))
         routes: list[list[torch.Tensor]] = [[] for _ in range(n)]
         state = self.runner.start(n, width + budget)
-        logits, captured = self._forward(state, ids, positions, key_valid, capture)
+        with self._padding_kept_finite(~key_valid[:, :width]):
+            logits, captured = self._forward(state, ids, positions, key_valid, capture)
         if captured is not None:
             captured = captured.view(n, width, *captured.shape[1:])
             for i in range(n):
@@ -201,6 +203,26 @@ class ReferenceEngine(EngineClient):
                 routed_experts=torch.cat(routes[i])[:prompt_lens[i] + len(out_ids[i]) - 1] if wanted else None,
             ))
         return results
+
+    @contextlib.contextmanager
+    def _padding_kept_finite(self, pad: torch.Tensor) -> Iterator[None]:
+        """Zero the hidden states of left padding after every layer of a prefill through the HF forward. Masked
+        keys get attention weight 0, but 0 x NaN is NaN: a pad token routed to a NaN expert would otherwise abort
+        its batch mates, and whether a request survives would depend on what it was batched with."""
+        if not bool(pad.any()) or not isinstance(self.runner, HFRunner):
+            yield
+            return
+
+        def zero_padding(_module: Any, _args: Any, out: Any) -> None:
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden.masked_fill_(pad[..., None], 0.0)
+
+        handles = [layer.register_forward_hook(zero_padding) for layer in decoder_layers(self.model)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def _forward(self, state: Any, ids: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor,
                  capture: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -68,7 +68,7 @@ def model_is_moe(name_or_path: str) -> bool:
 
 def routers(model: torch.nn.Module) -> list[tuple[int, torch.nn.Module]]:
     """(decoder layer index, router module) of every MoE layer, in layer order."""
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     found = []
     for index, layer in enumerate(layers):
         for module in layer.modules():
@@ -91,12 +91,12 @@ def moe_spec(model: torch.nn.Module) -> MoeSpec | None:
                         "hook (it needs modules with top_k and num_experts returning (logits, weights, indices), as "
                         "transformers' Qwen3-MoE); routed-expert capture and replay are unavailable for it")
     first = found[0][1]
-    return MoeSpec(num_layers=len(_decoder_layers(model)), num_experts=int(first.num_experts), top_k=int(first.top_k),
+    return MoeSpec(num_layers=len(decoder_layers(model)), num_experts=int(first.num_experts), top_k=int(first.top_k),
                    moe_layers=tuple(i for i, _ in found),
                    norm_topk_prob=bool(getattr(first, "norm_topk_prob", getattr(text, "norm_topk_prob", True))))
 
 
-def _decoder_layers(model: torch.nn.Module) -> Any:
+def decoder_layers(model: torch.nn.Module) -> Any:
     inner = getattr(model, "model", model)
     inner = getattr(inner, "language_model", inner)
     layers = getattr(inner, "layers", None)
@@ -167,6 +167,10 @@ class RoutingSession:
         if recorded is not None and tuple(recorded.shape[1:]) != (spec.num_layers, spec.top_k):
             raise RoutingError(f"recorded routes have shape {tuple(recorded.shape)}, the model routes "
                                f"[tokens, {spec.num_layers}, {spec.top_k}]")
+        if recorded is not None and use is None:
+            use = torch.ones(recorded.shape[0], dtype=torch.bool)
+        if recorded is not None and use.shape[0] != recorded.shape[0]:
+            raise RoutingError(f"{use.shape[0]} use flags for {recorded.shape[0]} recorded routes")
         self.spec = spec
         self.capture = capture
         self.recorded = recorded
