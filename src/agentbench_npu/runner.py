@@ -28,6 +28,7 @@ from .errors import UserError, one_line
 from .evaluation import EvalRecord, logprob_mismatch
 from .executors import make_cluster, preflight
 from .models.loading import load_tokenizer, resolve_model_dir, torch_dtype
+from .models.moe import model_dir_is_moe
 from .gates.base import SECOND_RUN_ENV, GateContext, evaluate_gates, select_gates, subprocess_rerun, thresholds_for
 from .paths import atomic_write_json, atomic_write_text
 from .probe import SyncProbe, tokens_digest
@@ -128,6 +129,9 @@ class Runner:
         self.services = dict(self.scenario.services(c.task)) if hasattr(self.scenario, "services") else {}
         torch_dtype(c.model.dtype)
         self.base_model_dir = resolve_model_dir(c.model.name, c.model.seed)
+        if c.train.get("routing_replay") and not model_dir_is_moe(self.base_model_dir):
+            raise UserError(f"train.routing_replay replays routed experts, and model '{c.model.name}' is dense (its "
+                            "config.json names no experts); use a mixture-of-experts model, e.g. --model tiny-moe")
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
         self.gates = select_gates(gates, c)
         if (c.run.compare_to and not os.environ.get(SECOND_RUN_ENV)

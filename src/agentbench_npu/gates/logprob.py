@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -18,6 +19,12 @@ def _where(row: dict[str, Any]) -> str:
             f"{worst['response_position']} (train {worst['train_logprob']:.6g}, rollout {worst['rollout_logprob']:.6g})")
 
 
+def _worst(values: Any) -> float:
+    """The largest value, NaN if any is NaN (max() would keep whichever came first)."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 class LogprobAlignmentGate:
     name = "logprob_alignment"
     description = "per step mean/max |train - rollout| log-prob over trainable tokens, k3 KL, spikes"
@@ -30,11 +37,13 @@ class LogprobAlignmentGate:
         t = ctx.thresholds
         threshold = {"mean": t["logprob_mean"], "max": t["logprob_max"], "kl": t["logprob_kl"],
                      "spike_factor": t["spike_factor"]}
-        steps = ctx.steps
+        # null in a report read back (a resumed run's history) was a NaN: it stays one here
+        steps = [{**s, **{k: math.nan for k in ("logprob_abs_diff_mean", "logprob_abs_diff_max", "kl") if s.get(k) is None}}
+                 for s in ctx.steps]
         value = {
-            "mean": max(s["logprob_abs_diff_mean"] for s in steps),
-            "max": max(s["logprob_abs_diff_max"] for s in steps),
-            "kl": max(s["kl"] for s in steps),
+            "mean": _worst(s["logprob_abs_diff_mean"] for s in steps),
+            "max": _worst(s["logprob_abs_diff_max"] for s in steps),
+            "kl": _worst(s["kl"] for s in steps),
         }
         problems = []
         history: list[float] = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from ..config import RunConfig
 from ..types import GateResult
 from .base import GateContext, first_problem, relative_gap
@@ -48,7 +50,8 @@ def compare_steps(a: list[dict], b: list[dict], tolerance: float, keys: tuple[st
         if y is None:
             continue
         for key in keys:
-            u, v = x.get(key), y.get(key)
+            # a run's own report holds NaN where the JSON written for a second run holds null (paths.py)
+            u, v = _finite(x.get(key)), _finite(y.get(key))
             if key in HASHES and tolerance > 0:
                 continue
             if isinstance(u, float) and isinstance(v, float):
@@ -58,3 +61,7 @@ def compare_steps(a: list[dict], b: list[dict], tolerance: float, keys: tuple[st
             elif u != v:
                 problems.append(f"step {x['step']}: {key} {u!r} vs {v!r}")
     return problems
+
+
+def _finite(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value

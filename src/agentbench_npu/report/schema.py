@@ -17,6 +17,7 @@ schema_version 1:
            moe_dead_fraction, moe_router_entropy(_max), moe_nonfinite_router_logits, moe_expert_load {layer: [...]},
            moe_routing_replay, moe_routes_recorded, logprob_abs_diff_mean_(no_)replay, kl_(no_)replay;
   every training step: nonfinite_logprobs, nonfinite_loss, skipped_updates, aborted_fraction
+Non-finite numbers (a NaN loss, an infinite ratio) are written as null: report.json is strict JSON.
   evaluation (eval runs only: run.mode = eval) {policy, pass_hat_k {"1": …, "k": …}, trials_per_task,
              reward_mean, tasks [ {task_id, trials, successes, reward_mean,
                                    runs [ {step, trial, seed, reward, status, ...scenario columns} ]} ]}
@@ -25,6 +26,7 @@ schema_version 1:
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import math
 import os
 import platform
 import socket
@@ -77,13 +79,19 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, Any]:
         "reward_first": first["reward_mean"],
         "reward_last": last["reward_mean"],
         "reward_mean": sum(s["reward_mean"] for s in steps) / len(steps),
-        "logprob_abs_diff_mean_max": max(s["logprob_abs_diff_mean"] for s in steps),
-        "logprob_abs_diff_max_max": max(s["logprob_abs_diff_max"] for s in steps),
+        "logprob_abs_diff_mean_max": _largest(s["logprob_abs_diff_mean"] for s in steps),
+        "logprob_abs_diff_max_max": _largest(s["logprob_abs_diff_max"] for s in steps),
         "weights_checksum_match_all": all(s["weights_checksum_match"] for s in steps),
         "weight_sync_seconds_mean": sum(s["weight_sync_seconds"] for s in steps) / len(steps),
         "tokens_per_second_mean": sum(s["tokens_per_second"] for s in steps) / len(steps),
         **({"routing": routing_summary(steps)} if any("moe_route_agreement" in s for s in steps) else {}),
     }
+
+
+def _largest(values: Any) -> float | None:
+    """The largest value; NaN when one is NaN or null (a NaN read back from JSON)."""
+    values = [math.nan if v is None else v for v in values]
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
 def routing_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
