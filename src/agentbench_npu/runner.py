@@ -29,13 +29,14 @@ from .evaluation import EvalRecord, logprob_mismatch
 from .executors import make_cluster, preflight
 from .models.loading import load_tokenizer, resolve_model_dir, torch_dtype
 from .models.moe import model_dir_is_moe
+from .gates.faults import selected_faults
 from .gates.base import SECOND_RUN_ENV, GateContext, evaluate_gates, select_gates, subprocess_rerun, thresholds_for
 from .paths import atomic_write_json, atomic_write_text
 from .probe import SyncProbe, tokens_digest
 from .plugins import Plugins
 from .report.records import append_samples, build_report, history_before
 from .rollout import collect
-from .training.checkpoint import Checkpoint, load_checkpoint, step_of
+from .training.checkpoint import Checkpoint, check_resumable, load_checkpoint, step_of
 from .training.warm_start import ensure_warm_start
 from .types import GateResult, SamplingParams, StepMetrics, Task
 
@@ -105,22 +106,10 @@ class Runner:
                                if getattr(r.obj, "has_gold_policy", False))
             raise UserError(f"scenario '{c.scenario}' has no gold policy; --policy gold works with: "
                             f"{', '.join(with_gold) or 'no installed scenario'}")
-        self.checkpoint: Checkpoint | None = load_checkpoint(self.resume_path) if self.resume_path else None
-        if self.checkpoint is not None and c.run.mode == "eval":
-            raise UserError(f"--resume continues a training run; to evaluate checkpoint '{self.checkpoint.path}' "
-                            f"pass --model {self.checkpoint.model_dir} --mode eval")
-        if self.checkpoint is not None:
-            start = self.checkpoint.step
-            if self.checkpoint.state.get("scenario") != c.scenario:
-                raise UserError(f"checkpoint '{self.checkpoint.path}' is of scenario "
-                                f"'{self.checkpoint.state.get('scenario')}', not '{c.scenario}'")
-            saved_ranks = int(self.checkpoint.state.get("train_ranks", 1))
-            if saved_ranks != c.cluster.train_devices:
-                raise UserError(f"checkpoint '{self.checkpoint.path}' was saved by {saved_ranks} trainer rank(s); "
-                                f"resume it with --train-devices {saved_ranks}")
-            if start >= c.run.steps:
-                raise UserError(f"checkpoint '{self.checkpoint.path}' is already at step {start}; "
-                                f"pass --steps larger than {start} to continue")
+        self.checkpoint: Checkpoint | None = None
+        if self.resume_path:
+            self.checkpoint = load_checkpoint(self.resume_path)
+            check_resumable(self.checkpoint, c)
         self.engine_factory = self.plugins.get("engine", c.run.engine).obj
         self.sandbox_factory = None
         if getattr(self.scenario, "uses_sandbox", False):
@@ -143,17 +132,8 @@ class Runner:
                 gate.check(c)
         self.thresholds = thresholds_for(self.device.name, c)
         preflight(c)
-        self.faults = []
-        for name in c.run.faults:
-            fault = self.plugins.get("fault", name).obj
-            reason = fault.cannot_bite(c)
-            catcher = gates.get(fault.caught_by)
-            # only where gates judge this run: a gate's own second run (gates none) carries the fault along
-            if reason is None and self.gates and catcher is not None and not catcher.applies(c):
-                reason = f"the gate that catches it ({fault.caught_by}) does not apply: it needs {catcher.requirement}"
-            if reason:
-                raise UserError(f"fault '{name}' would not change this run: {reason}")
-            self.faults.append(fault)
+        self.faults = selected_faults(c, lambda name: self.plugins.get("fault", name).obj, gates,
+                                      judged=bool(self.gates))
 
     def _check_eval_coverage(self) -> None:
         """Each eval step tries every task equally often, or pass^k would average unequal (and missing) tasks."""

@@ -217,3 +217,22 @@ FAULTS = (
           _nan_expert, also_affects=("logprob_alignment", "weight_sync", "reproducibility", "checkpoint_continuity"),
           cannot_bite=_needs_moe),
 )
+
+
+def selected_faults(config: RunConfig, lookup: Callable[[str], Fault], gates: dict[str, Any],
+                    judged: bool) -> list[Fault]:
+    """The faults `run.faults` names (`lookup` finds one or says it is unknown), each refused (UserError) if it
+    could not change this run. `judged`: gates judge this run (a gate's own second run carries them along)."""
+    from ..errors import UserError
+
+    chosen = []
+    for name in config.run.faults:
+        fault = lookup(name)
+        reason = fault.cannot_bite(config)
+        catcher = gates.get(fault.caught_by)
+        if reason is None and judged and catcher is not None and not catcher.applies(config):
+            reason = f"the gate that catches it ({fault.caught_by}) does not apply: it needs {catcher.requirement}"
+        if reason:
+            raise UserError(f"fault '{name}' would not change this run: {reason}")
+        chosen.append(fault)
+    return chosen

@@ -110,3 +110,21 @@ def load_checkpoint(path: Path) -> Checkpoint:
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     return Checkpoint(path=path, state=state, trainer=trainer, rng=rng)
+
+
+def check_resumable(checkpoint: Checkpoint, config: Any) -> None:
+    """Raise UserError unless `config` (a RunConfig) can continue training from `checkpoint`."""
+    c = config
+    if c.run.mode == "eval":
+        raise UserError(f"--resume continues a training run; to evaluate checkpoint '{checkpoint.path}' "
+                        f"pass --model {checkpoint.model_dir} --mode eval")
+    if checkpoint.state.get("scenario") != c.scenario:
+        raise UserError(f"checkpoint '{checkpoint.path}' is of scenario '{checkpoint.state.get('scenario')}', "
+                        f"not '{c.scenario}'")
+    saved_ranks = int(checkpoint.state.get("train_ranks", 1))
+    if saved_ranks != c.cluster.train_devices:
+        raise UserError(f"checkpoint '{checkpoint.path}' was saved by {saved_ranks} trainer rank(s); "
+                        f"resume it with --train-devices {saved_ranks}")
+    if checkpoint.step >= c.run.steps:
+        raise UserError(f"checkpoint '{checkpoint.path}' is already at step {checkpoint.step}; "
+                        f"pass --steps larger than {checkpoint.step} to continue")
