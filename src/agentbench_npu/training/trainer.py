@@ -254,9 +254,12 @@ class Trainer:
         routing_stats = RoutingStats(self.moe.num_experts, self.moe.top_k) if self.moe is not None else None
         old_logp = self.recompute_logprobs(batch, stats=routing_stats)
         # the reference case of the routing comparison, with the same weights (before this step's updates)
-        other_logp = None
+        other_logp = other_stats = None
         if routing_stats is not None and c.routing_compare and batch.routes is not None:
-            other_logp = self.recompute_logprobs(batch, replay=not c.routing_replay)
+            # with replay on, the route agreement is read here: how often the trainer's router, left to itself
+            # over its own hidden states, picks the engine's experts
+            other_stats = RoutingStats(self.moe.num_experts, self.moe.top_k) if c.routing_replay else None
+            other_logp = self.recompute_logprobs(batch, replay=not c.routing_replay, stats=other_stats)
         mask = batch.loss_mask
         nonfinite_logprobs = int((~torch.isfinite(old_logp) & (mask > 0)).sum())
         gap = (old_logp - batch.rollout_logprobs).abs() * mask
@@ -329,7 +332,7 @@ class Trainer:
             "nonfinite_loss": int(nonfinite[1]),
             "skipped_updates": skipped,
             **(self._routing_metrics(batch, other_logp, diff_sum / count if count else 0.0,
-                                     kl_sum / count if count else 0.0, routing_stats)
+                                     kl_sum / count if count else 0.0, routing_stats, other_stats)
                if routing_stats is not None else {}),
             "ref_kl": means["ref_kl"] if ref_logp is not None else None,
             "kl": kl_sum / count if count else 0.0,
@@ -341,11 +344,8 @@ class Trainer:
             "advantage_abs_mean": float(batch.advantages.abs().mean()),
         }
 
-    def _routing_metrics(self, batch: PackedBatch, other: torch.Tensor | None, diff_mean: float, kl_mean: float,
-                         stats: RoutingStats) -> dict[str, Any]:
-        """MoE health of the step's old-log-prob pass; with `other` (the log-probs with replay the other way,
-        same weights) the mismatch both ways."""
-        c = self.config
+    def _reduce_stats(self, stats: RoutingStats) -> RoutingStats:
+        """Every data-parallel rank's routing counts summed (in place)."""
         layers = sorted(stats.load)
         flat = [float(x) for layer in layers for x in stats.load[layer].tolist()]
         flat += [stats.entropy_sum, stats.entropy_count, stats.nonfinite_router_logits, stats.agree, stats.compared]
@@ -355,7 +355,16 @@ class Trainer:
             stats.load[layer] = torch.tensor(flat[j * e:(j + 1) * e])
         (stats.entropy_sum, stats.entropy_count, stats.nonfinite_router_logits, stats.agree,
          stats.compared) = flat[len(layers) * e:]
-        out = stats.summary()
+        return stats
+
+    def _routing_metrics(self, batch: PackedBatch, other: torch.Tensor | None, diff_mean: float, kl_mean: float,
+                         stats: RoutingStats, other_stats: RoutingStats | None) -> dict[str, Any]:
+        """MoE health of the step's old-log-prob pass; with `other` (the log-probs with replay the other way,
+        same weights) the mismatch both ways; route agreement from the pass without replay."""
+        c = self.config
+        out = self._reduce_stats(stats).summary()
+        if other_stats is not None:
+            out["moe_route_agreement"] = self._reduce_stats(other_stats).summary()["moe_route_agreement"]
         out["moe_routing_replay"] = c.routing_replay
         out["moe_routes_recorded"] = batch.routes is not None
         if other is not None:
