@@ -21,6 +21,7 @@ from .recipes import Layer, load_toml, parse_set, profile_layer, split_profiles
 from .errors import UserError, one_line
 from .gates.base import SECOND_RUN_ENV
 from .plugins import KINDS, Plugins, load_plugins
+from .report.schema import nan_if_null
 
 # Not on a terminal (CI logs, pipes) rich would assume 80 columns and cut the step table.
 out_console = Console(width=None if sys.stdout.isatty() else 120)
@@ -228,6 +229,7 @@ def _print_summary(report: dict[str, Any]) -> None:
     for col in ("step", "reward", "loss", "Δlogp mean", "Δlogp max", "roll s", "train s", "sync ms", "weights"):
         table.add_column(col, justify="right", no_wrap=True)
     for s in report["steps"]:
+        s = {k: nan_if_null(v) for k, v in s.items()}  # a resumed run's history was read back from JSON
         table.add_row(str(s["step"]), f"{s['reward_mean']:.3f}", f"{s['loss']:+.4f}",
                       f"{s['logprob_abs_diff_mean']:.1e}", f"{s['logprob_abs_diff_max']:.1e}",
                       f"{s['rollout_seconds']:.2f}", f"{s['train_seconds']:.2f}",

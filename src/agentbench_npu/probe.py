@@ -37,8 +37,9 @@ class SyncProbe:
             traj.append_model_tokens(result.output_ids, result.output_logprobs, result.routed_experts)
             trajs.append(traj)
         scored = [t for t in trajs if t.response_length]
-        if not scored:
-            return {"mean": 0.0, "max": 0.0}
+        if not scored:  # the engine answered nothing (every request aborted): nothing agrees, nothing was compared
+            nothing = 0.0 if all(r.finish_reason != "abort" for r in results) else float("nan")
+            return {"mean": nothing, "max": nothing}
         train = cluster.trainer_logprobs(scored)
         gaps = [abs(a - b) for t, lp in zip(scored, train) for a, b in zip(t.rollout_logprobs, lp)]
         return {"mean": sum(gaps) / len(gaps), "max": max(gaps)}

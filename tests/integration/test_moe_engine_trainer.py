@@ -9,6 +9,8 @@ two implementations: the engine's cached batched decode and the trainer's HF ful
 
 from __future__ import annotations
 
+import contextlib
+
 import asyncio
 import base64
 import copy
@@ -310,6 +312,10 @@ def test_a_request_clear_of_the_nan_expert_is_not_aborted_by_its_batch_mates_pad
     longer = req(range(100, 106), max_new_tokens=3, ignore_eos=True)  # left-pads clear_prompt with 4 pad tokens
     batched, _ = nan_engine.generate_batch([req(clear_prompt, max_new_tokens=3, ignore_eos=True), longer])
     assert batched.finish_reason == "length"
+    # the control: without zeroing the padding's hidden states, the NaN reaches the request through attention
+    nan_engine._padding_kept_finite = lambda pad: contextlib.nullcontext()
+    unguarded, _ = nan_engine.generate_batch([req(clear_prompt, max_new_tokens=3, ignore_eos=True), longer])
+    assert unguarded.finish_reason == "abort"
 
 
 @NO_OPTIMIZER_STEP

@@ -63,7 +63,11 @@ def tol_file(tmp_path: Path, text: str, name: str = "tol.toml") -> Path:
 
 
 def rows(values: list[float | None], name: str = "m") -> dict[int, dict[str, Any]]:
-    return {s: {"step": s, name: v} for s, v in enumerate(values)}
+    """Step rows; None leaves the metric out of that step (never recorded), NULL records a JSON null."""
+    return {s: {"step": s, **({} if v is None else {name: None if v is NULL else v})} for s, v in enumerate(values)}
+
+
+NULL = object()  # report.json writes a non-finite number as null
 
 
 def compare(base: list[Any], cand: list[Any], tol: Tolerance, last_k: int = 3):
@@ -169,6 +173,12 @@ def test_nan_in_the_candidates_last_k_is_out():
 def test_nan_at_an_earlier_step_is_out_for_a_metric_with_max_gap():
     m = compare([0.5] * 6, [0.5, math.nan, 0.5, 0.5, 0.5, 0.5], Tolerance(abs=1e9, max_gap=1e9))
     assert (m.status, m.first_out_step, m.max_gap_step) == ("out", 1, 1)
+
+
+def test_a_null_in_the_report_is_a_non_finite_number_and_out_of_tolerance():
+    m = compare([0.5] * 4, [0.5, 0.5, 0.5, NULL], Tolerance(abs=1e9))
+    assert m.status == "out"
+    assert m.max_gap_step == 3
 
 
 @pytest.mark.parametrize("side", ["baseline", "candidate"])

@@ -402,12 +402,34 @@ def test_a_generate_response_yields_routes_of_prompt_plus_output_minus_one_token
     assert torch.equal(result.routed_experts, routes)
 
 
-def test_a_generate_response_is_read_without_routes_when_none_were_asked_or_sent():
+def test_a_generate_response_is_read_without_routes_when_none_were_asked_for():
     routes = routes_of(6)
     assert result_from_sglang(sglang_response(routes, 4, [10, 11, 12]), 4, 0).routed_experts is None
-    assert result_from_sglang(sglang_response(None, 4, [10, 11, 12]), 4, 0, (2, 2)).routed_experts is None
+
+
+def test_routes_asked_for_but_not_sent_are_an_error_naming_sglangs_flag():
+    with pytest.raises(EngineRequestError, match="sent none.*--enable-return-routed-experts"):
+        result_from_sglang(sglang_response(None, 4, [10, 11, 12]), 4, 0, (2, 2))
 
 
 def test_a_generate_response_with_routes_of_the_wrong_length_is_an_engine_request_error():
     with pytest.raises(EngineRequestError, match="3 tokens"):
         result_from_sglang(sglang_response(routes_of(5), 1, [10, 11, 12]), 1, 0, routes_shape=(2, 2))
+
+
+def test_replay_refuses_a_router_that_does_not_weight_by_softmax(model, spec):
+    """A sigmoid-scored router (DeepSeek-V3 style) would get wrong weights from replay: refused, not run."""
+    def sigmoid_weights(_module, _args, out):
+        logits, _, indices = out
+        return logits, torch.sigmoid(logits.float()).gather(-1, indices).to(logits.dtype), indices
+
+    handles = [router.register_forward_hook(sigmoid_weights) for _, router in routers(model)]
+    try:
+        with torch.no_grad(), routing(model, spec, capture=True) as session:
+            model(input_ids=IDS)
+        with pytest.raises(RoutingError, match="does not weight its experts by a softmax"):
+            with torch.no_grad(), routing(model, spec, recorded=session.routes(), replay=True):
+                model(input_ids=IDS)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -200,14 +200,19 @@ def tolerances_for(scenario: str, recipe_diff: Mapping[str, Any] | None, file: M
 
 
 # -- comparing -------------------------------------------------------------------------------------
-def _number(value: Any) -> float | None:
+def _number(row: Mapping[str, Any], name: str) -> float | None:
+    """A step's value of `name`: None when the step did not record it; NaN when it recorded null (report.json's
+    word for a non-finite number), which is out of any tolerance."""
+    value = row.get(name)
+    if value is None:
+        return math.nan if name in row else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def compare_metric(name: str, tol: Tolerance, steps: list[int], base: Mapping[int, Mapping[str, Any]],
                    cand: Mapping[int, Mapping[str, Any]], last_k: int) -> MetricDiff:
-    b = {s: _number(base[s].get(name)) for s in steps}
-    c = {s: _number(cand[s].get(name)) for s in steps}
+    b = {s: _number(base[s], name) for s in steps}
+    c = {s: _number(cand[s], name) for s in steps}
     if all(v is None for v in b.values()) or all(v is None for v in c.values()):
         side = "baseline" if all(v is None for v in b.values()) else "candidate"
         return MetricDiff(name, "missing", detail=f"not recorded by the {side}")

@@ -63,7 +63,10 @@ def result_from_sglang(data: dict[str, Any], prompt_tokens: int, weight_version:
     except (TypeError, ValueError):
         version = weight_version
     routes = None
-    if meta.get("routed_experts") is not None and routes_shape is not None:
+    if routes_shape is not None and meta.get("routed_experts") is None:
+        raise EngineRequestError("routed experts were asked for (return_routed_experts) but the engine server sent "
+                                 "none; start SGLang with --enable-return-routed-experts")
+    if routes_shape is not None:
         tokens = int(meta.get("prompt_tokens", prompt_tokens)) + len(pairs) - 1
         routes = decode_routed_experts(meta["routed_experts"], tokens, *routes_shape)
     return GenerateResult(

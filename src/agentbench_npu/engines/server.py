@@ -208,7 +208,8 @@ def create_app(engine: ReferenceEngine) -> fastapi.FastAPI:
             params = [sampling_from_json(raw_params)] * len(items)
         routed = _bool(body.get("return_routed_experts") or False, "return_routed_experts")
         if routed and engine.moe is None:
-            raise BadRequest("return_routed_experts: the served model has no experts to route to (it is dense)")
+            raise BadRequest("return_routed_experts: the served model's routes cannot be captured (it is dense, or its "
+                             "routers are of a kind this server cannot hook)")
         requests = []
         for i, (item, sp) in enumerate(zip(items, params)):
             path = f"{field}[{i}]" if batch else field

@@ -12,11 +12,12 @@ from typing import Any
 
 from ..config import RunConfig
 from ..models.moe import model_is_moe
+from ..report.schema import nan_if_null
 from ..types import GateResult
 from .base import GateContext, first_problem
 
 NONFINITE = (("nonfinite_logprobs", "log-probs of trainable tokens"), ("nonfinite_loss", "micro-batch losses"),
-             ("moe_nonfinite_router_logits", "tokens with router logits"), ("skipped_updates", "skipped updates"))
+             ("moe_nonfinite_router_logits", "(token, layer) router logits"), ("skipped_updates", "skipped updates"))
 
 
 class MoeHealthGate:
@@ -39,18 +40,24 @@ class MoeHealthGate:
             step = s["step"]
             for key, what in NONFINITE:
                 count = int(s.get(key) or 0)
+                if key == "skipped_updates" and not s.get("trainable_tokens", 1):
+                    continue  # a step with nothing to train skips its update for that reason (reported below)
                 worst["nonfinite"] += count
                 if count:
                     problems.append(f"step {step}: {count} non-finite {what}" if key != "skipped_updates" else
                                     f"step {step}: {count} optimizer step(s) skipped for non-finite gradients")
             if "moe_dead_fraction" not in s:
                 aborted = s.get("aborted_fraction", 0.0)
-                problems.append(f"step {step}: no routing statistics: nothing was trained"
-                                + (f" ({aborted:.0%} of requests aborted: the engine's logits were not finite)"
-                                   if aborted else ""))
+                if s.get("trainable_tokens", 0):
+                    problems.append(f"step {step}: no routing statistics although tokens were trained: the trainer "
+                                    "could not hook this model's routers")
+                else:
+                    problems.append(f"step {step}: no routing statistics: nothing was trained"
+                                    + (f" ({aborted:.0%} of requests aborted: the engine's logits were not finite)"
+                                       if aborted else ""))
                 continue
-            dead, imbalance = s["moe_dead_fraction"], s["moe_load_imbalance"]
-            entropy = s["moe_router_entropy"] / s["moe_router_entropy_max"] if s["moe_router_entropy_max"] else 0.0
+            dead, imbalance = nan_if_null(s["moe_dead_fraction"]), nan_if_null(s["moe_load_imbalance"])
+            entropy = nan_if_null(s["moe_router_entropy"]) / s["moe_router_entropy_max"]
             worst["dead_fraction"] = max(worst["dead_fraction"], dead)
             worst["load_imbalance"] = max(worst["load_imbalance"], imbalance)
             worst["router_entropy_min"] = entropy if worst["router_entropy_min"] is None else min(

@@ -7,8 +7,11 @@ replaced by the recorded experts, while their weights are re-normalised over the
 probabilities, so the router still gets gradients.
 
 A router here is a module with `top_k` and `num_experts` whose forward returns `(router_logits, weights,
-indices)`: the contract of transformers' Qwen3-MoE family (`Qwen3MoeTopKRouter`). A model whose routers do
-not keep it is refused with a clear error, never silently run without replay.
+indices)`: the contract of transformers' Qwen3-MoE family (`Qwen3MoeTopKRouter`). Capture works for any such
+router. Replay recomputes the weights as a softmax over the router logits, taken at the chosen experts: each
+replayed pass first checks that this reproduces the router's own weights for its own choice, and refuses a
+router that scores otherwise (sigmoid scores with a bias, as DeepSeek-V3's) rather than replay it wrongly. An
+MoE model whose routers cannot be hooked at all runs without capture; asking to replay it is an error.
 """
 
 from __future__ import annotations
@@ -86,10 +89,8 @@ def moe_spec(model: torch.nn.Module) -> MoeSpec | None:
     if text is None or not any(int(getattr(text, key, 0) or 0) > 0 for key in EXPERT_KEYS):
         return None
     found = routers(model)
-    if not found:
-        raise UserError(f"{type(model).__name__} is a mixture-of-experts model whose routers this harness cannot "
-                        "hook (it needs modules with top_k and num_experts returning (logits, weights, indices), as "
-                        "transformers' Qwen3-MoE); routed-expert capture and replay are unavailable for it")
+    if not found:  # served and trained as it is, without routed-expert capture (the trainer refuses replay)
+        return None
     first = found[0][1]
     return MoeSpec(num_layers=len(decoder_layers(model)), num_experts=int(first.num_experts), top_k=int(first.top_k),
                    moe_layers=tuple(i for i, _ in found),
@@ -192,24 +193,38 @@ class RoutingSession:
         chosen = indices
         if self.replay:
             recorded = self.recorded[:, layer].to(indices.device, torch.long)
-            if self.corrupt:
-                recorded = (recorded + self.corrupt) % self.spec.num_experts
             use = self.use.to(indices.device)[:, None]
             if bool(((recorded < 0) & use).any()):
                 raise RoutingError(f"recorded routes hold -1 in MoE layer {layer}: they were recorded for a "
                                    "model with a different layer layout")
-            chosen = torch.where(use, recorded, indices)
+            if self.corrupt:
+                recorded = (recorded + self.corrupt) % self.spec.num_experts
             probs = torch.softmax(logits.float(), dim=-1)
-            top = probs.gather(-1, chosen)
-            if self.spec.norm_topk_prob:
-                top = top / top.sum(-1, keepdim=True)
-            weights = top.to(weights.dtype)
+            self._check_softmax_weights(layer, probs, weights, indices)
+            chosen = torch.where(use, recorded, indices)
+            weights = self._weights(probs, chosen).to(weights.dtype)
             output = (logits, weights, chosen)
         if self.capture:
             self.captured[layer] = chosen.detach().to("cpu", torch.int32)
         if self.stats is not None:
             self._count(layer, logits.detach(), indices.detach(), chosen.detach())
         return output if self.replay else None
+
+    def _weights(self, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        top = probs.gather(-1, chosen)
+        return top / top.sum(-1, keepdim=True) if self.spec.norm_topk_prob else top
+
+    def _check_softmax_weights(self, layer: int, probs: torch.Tensor, weights: torch.Tensor,
+                               indices: torch.Tensor) -> None:
+        """Replay's weights, computed for the router's own choice, must be the router's own weights."""
+        finite = torch.isfinite(probs).all(-1)
+        mine = self._weights(probs[finite], indices[finite])
+        theirs = weights.detach()[finite].float()
+        if not torch.allclose(mine, theirs, rtol=2e-2, atol=1e-3):
+            raise RoutingError(f"the router of MoE layer {layer} does not weight its experts by a softmax over its "
+                               f"logits{' renormalised over the top-k' if self.spec.norm_topk_prob else ''}; replay "
+                               "would give the recorded experts wrong weights (sigmoid or biased routers are not "
+                               "supported)")
 
     def _count(self, layer: int, logits: torch.Tensor, natural: torch.Tensor, chosen: torch.Tensor) -> None:
         valid = self.valid.to(logits.device)

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +36,8 @@ def plot_pngs(steps: list[dict[str, Any]]) -> dict[str, bytes]:
 
     x = [s["step"] for s in steps]
 
-    def series(key: str) -> list[float]:
-        return [float(s.get(key) or 0.0) for s in steps]
+    def series(key: str) -> list[float]:  # null in report.json is a non-finite number: a gap in the curve
+        return [math.nan if key in s and s[key] is None else float(s.get(key) or 0.0) for s in steps]
 
     def reward(ax: Any) -> None:
         mean, std = series("reward_mean"), series("reward_std")

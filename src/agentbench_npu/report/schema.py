@@ -88,9 +88,14 @@ def summarise(steps: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def nan_if_null(value: Any) -> Any:
+    """A number read back from report.json: null there was a non-finite number (see above), NaN here."""
+    return math.nan if value is None else value
+
+
 def _largest(values: Any) -> float | None:
     """The largest value; NaN when one is NaN or null (a NaN read back from JSON)."""
-    values = [math.nan if v is None else v for v in values]
+    values = [nan_if_null(v) for v in values]
     return math.nan if any(math.isnan(v) for v in values) else max(values)
 
 
@@ -102,7 +107,7 @@ def routing_summary(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
     out = {key: mean(key) for key in ("moe_route_agreement", "logprob_abs_diff_mean_replay",
                                       "logprob_abs_diff_mean_no_replay", "kl_replay", "kl_no_replay")}
-    out["replay"] = bool(steps[-1].get("moe_routing_replay"))
+    out["replay"] = any(s.get("moe_routing_replay") for s in steps)
     on, off = out["logprob_abs_diff_mean_replay"], out["logprob_abs_diff_mean_no_replay"]
     out["mismatch_ratio_no_replay_over_replay"] = off / on if on and off is not None else None
     return out

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from ..engines.sampling import sampling_logprobs
-from ..models.moe import RoutingError, RoutingStats, moe_spec, routing
+from ..models.moe import RoutingError, RoutingStats, checkpoint_is_moe, moe_spec, routing
 from ..types import Trajectory
 from .losses import group_advantages, k3, ppo_clip_loss
 
@@ -128,7 +128,9 @@ class Trainer:
         )
         self.moe = moe_spec(model)
         if config.routing_replay and self.moe is None:
-            raise RoutingError(f"train.routing_replay needs a mixture-of-experts model; {type(model).__name__} is dense")
+            why = ("has no router this harness can hook (softmax top-k routers returning (logits, weights, indices), "
+                   "as transformers' Qwen3-MoE)" if checkpoint_is_moe(model.config.to_dict()) else "is dense")
+            raise RoutingError(f"train.routing_replay needs a mixture-of-experts model; {type(model).__name__} {why}")
         self.corrupt_routes = 0  # the corrupt-routing fault: replayed expert ids shifted by this much
         self.ref_model = None
         if config.kl_coef > 0:
@@ -255,7 +257,9 @@ class Trainer:
         old_logp = self.recompute_logprobs(batch, stats=routing_stats)
         # the reference case of the routing comparison, with the same weights (before this step's updates)
         other_logp = other_stats = None
-        if routing_stats is not None and c.routing_compare and batch.routes is not None:
+        # decided alike on every data-parallel rank (each joins the same collectives), even one whose shard
+        # holds no recorded route: its comparison pass then simply routes on its own both ways
+        if routing_stats is not None and c.routing_compare and self._any_rank(batch.routes is not None):
             # with replay on, the route agreement is read here: how often the trainer's router, left to itself
             # over its own hidden states, picks the engine's experts
             other_stats = RoutingStats(self.moe.num_experts, self.moe.top_k) if c.routing_replay else None
@@ -344,15 +348,20 @@ class Trainer:
             "advantage_abs_mean": float(batch.advantages.abs().mean()),
         }
 
+    def _any_rank(self, flag: bool) -> bool:
+        return self._all_reduce([1.0 if flag else 0.0], op="max")[0] > 0
+
     def _reduce_stats(self, stats: RoutingStats) -> RoutingStats:
         """Every data-parallel rank's routing counts summed (in place)."""
-        layers = sorted(stats.load)
-        flat = [float(x) for layer in layers for x in stats.load[layer].tolist()]
+        assert self.moe is not None
+        layers = list(self.moe.moe_layers)  # the same vector on every rank, whatever routed locally
+        zeros = torch.zeros(stats.num_experts, dtype=torch.long)
+        flat = [float(x) for layer in layers for x in stats.load.get(layer, zeros).tolist()]
         flat += [stats.entropy_sum, stats.entropy_count, stats.nonfinite_router_logits, stats.agree, stats.compared]
         flat = self._all_reduce(flat)
         e = stats.num_experts
         for j, layer in enumerate(layers):
-            stats.load[layer] = torch.tensor(flat[j * e:(j + 1) * e])
+            stats.load[layer] = torch.tensor(flat[j * e:(j + 1) * e]).round().long()
         (stats.entropy_sum, stats.entropy_count, stats.nonfinite_router_logits, stats.agree,
          stats.compared) = flat[len(layers) * e:]
         return stats
@@ -366,7 +375,7 @@ class Trainer:
         if other_stats is not None:
             out["moe_route_agreement"] = self._reduce_stats(other_stats).summary()["moe_route_agreement"]
         out["moe_routing_replay"] = c.routing_replay
-        out["moe_routes_recorded"] = batch.routes is not None
+        out["moe_routes_recorded"] = self._any_rank(batch.routes is not None)
         if other is not None:
             mask = batch.loss_mask > 0
             gap = (other - batch.rollout_logprobs).abs()[mask]
