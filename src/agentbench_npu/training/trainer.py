@@ -236,11 +236,11 @@ class Trainer:
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
         c = self.config
         trajs = [t for t in trajs if t.response_length > 0]
+        if not self._any_rank(bool(trajs)):  # every request aborted (non-finite logits, say): record it, change nothing
+            self.scheduler.step()
+            return self._nothing_trained()
         if not trajs:
-            if self.group is None:  # every request aborted (say, non-finite logits): record it, change nothing
-                self.scheduler.step()
-                return self._nothing_trained()
-            raise ValueError("no trajectory has a response to train on")
+            raise ValueError("this data-parallel rank's shard has no response to train on while other ranks' have")
         if c.routing_replay:
             missing = [t.task_id for t in trajs if t.num_trainable and t.routed_experts is None]
             if missing:
