@@ -332,12 +332,14 @@ def serve(ctx: click.Context, model: str, device: str, dtype: str, host: str, po
 def _add_builtin_groups() -> None:
     from .checklist import checklist_command
     from .compare.commands import baseline_group, diff_command
+    from .doctor import doctor
     from .retrieval.commands import search_index, search_server
     from .sandbox.commands import sandbox
 
     cli.add_command(diff_command)
     cli.add_command(baseline_group)
     cli.add_command(checklist_command)
+    cli.add_command(doctor)
     cli.add_command(sandbox)
     cli.add_command(search_server)
     cli.add_command(search_index)
