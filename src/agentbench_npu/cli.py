@@ -72,6 +72,8 @@ def cli() -> None:
 @click.option("--train-devices", type=int, help="data-parallel trainer ranks (ray)")
 @click.option("--rollout-devices", type=int, help="engine workers (ray)")
 @click.option("--gates", "gates", metavar="all|none|NAME,...", help="gates to evaluate (default: all that apply)")
+@click.option("--engine", help="reference (default: in-process) | sglang (a server per engine worker, see "
+              "docs/accelerators.md) | a plugin's")
 @click.option("--sandbox", help="where agent tools run code: local | docker | modal | a plugin's (default local)")
 @click.option("--inject-fault", "faults", multiple=True, metavar="NAME",
               help="break the run on purpose to prove a gate catches it (see `list`)")
@@ -83,7 +85,8 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
         steps: int | None,
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
         overrides: tuple[str, ...], executor: str | None, ray_address: str | None, modes: tuple[str, ...],
-        policy: str | None, train_devices: int | None, rollout_devices: int | None, gates: str | None, sandbox: str | None,
+        policy: str | None, train_devices: int | None, rollout_devices: int | None, gates: str | None,
+        engine: str | None, sandbox: str | None,
         faults: tuple[str, ...], compare_to: str | None, quiet: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
@@ -104,7 +107,8 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
                                 ("cluster", "ray_address", ray_address), ("cluster", "mode", mode),
                                 ("run", "mode", run_mode), ("run", "policy", policy), ("run", "compare_to", compare_to),
                                 ("cluster", "train_devices", train_devices),
-                                ("cluster", "rollout_devices", rollout_devices), ("sandbox", "backend", sandbox)):
+                                ("cluster", "rollout_devices", rollout_devices), ("sandbox", "backend", sandbox),
+                                ("run", "engine", engine)):
         if value is not None:
             flags.setdefault(section, {})[key] = value
     user_layers = ([load_toml(recipe)] if recipe else []) + [Layer(flags, "command-line flags"), parse_set(list(overrides))]

@@ -116,6 +116,23 @@ class GatesSection:
 
 
 @dataclass(frozen=True)
+class EngineSection:
+    """The `sglang` engine backend (run.engine = "sglang"): one server per engine worker, launched or attached."""
+
+    url: str = ""  # attach to a running server (one engine worker); "" = launch one per worker
+    launcher: str = "sglang"  # sglang (python -m sglang.launch_server) | agentbench (our `serve`: same API subset)
+    tp_size: int = 1  # SGLang --tp-size
+    ep_size: int = 1  # SGLang --ep-size (MoE expert parallelism)
+    mem_fraction_static: float = 0.0  # SGLang --mem-fraction-static; 0 = SGLang's default
+    attention_backend: str = ""  # "" = ascend on npu, SGLang's default elsewhere
+    release_memory: bool = True  # colocated: the engine releases its memory while the trainer steps
+    deterministic: bool = True  # SGLang --enable-deterministic-inference
+    launch_timeout: float = 600.0  # seconds to wait for /health
+    extra_args: list = field(default_factory=list)  # more launch_server flags, verbatim
+    port: int = 0  # 0 = a free port
+
+
+@dataclass(frozen=True)
 class SandboxSection:
     """Where agent tools run code: a sandbox backend (register_sandboxes) and the limits of every exec."""
 
@@ -160,6 +177,7 @@ class RunConfig:
     cluster: ClusterSection = ClusterSection()
     gates: GatesSection = GatesSection()
     sandbox: SandboxSection = SandboxSection()
+    engine: EngineSection = EngineSection()
     task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
 
     def train_config(self) -> TrainConfig:
@@ -189,7 +207,7 @@ class RunConfig:
 SECTIONS: dict[str, type] = {
     "run": RunSection, "model": ModelSection, "rollout": RolloutSection, "warm_start": WarmStartSection,
     "data": DataSection, "checkpoint": CheckpointSection, "cluster": ClusterSection,
-    "gates": GatesSection, "sandbox": SandboxSection,
+    "gates": GatesSection, "sandbox": SandboxSection, "engine": EngineSection,
 }
 TOP_LEVEL = ("scenario", "profile", "checklist_item", "description")
 
@@ -286,23 +304,17 @@ def resolve(scenario: str, layers: list[Layer], task_defaults: Mapping[str, Any]
                 target = types.get(section, {}).get(key) or type(merged[section][key])
                 merged[section][key] = _coerce(value, target, path, layer.where(section, key))
     _check_values(merged)
-    return RunConfig(
-        scenario=top["scenario"], profile=top["profile"],
-        run=RunSection(**merged["run"]), model=ModelSection(**merged["model"]),
-        rollout=RolloutSection(**merged["rollout"]), train=merged["train"],
-        warm_start=WarmStartSection(**merged["warm_start"]), data=DataSection(**merged["data"]),
-        checkpoint=CheckpointSection(**merged["checkpoint"]), cluster=ClusterSection(**merged["cluster"]),
-        gates=GatesSection(**merged["gates"]), sandbox=SandboxSection(**merged["sandbox"]),
-        task=merged["task"],
-    )
+    return RunConfig(scenario=top["scenario"], profile=top["profile"], train=merged["train"], task=merged["task"],
+                     **{name: cls(**merged[name]) for name, cls in SECTIONS.items()})
 
 
 _POSITIVE = ("cluster.train_devices", "cluster.rollout_devices", "cluster.sync_bucket_mb", "run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
              "train.micro_batch_size", "train.num_minibatches", "warm_start.batch_size",
              "sandbox.wall_seconds", "sandbox.cpu_seconds", "sandbox.memory_mb", "sandbox.processes",
-             "sandbox.output_bytes", "sandbox.file_mb", "sandbox.slots")
+             "sandbox.output_bytes", "sandbox.file_mb", "sandbox.slots", "engine.tp_size", "engine.ep_size",
+             "engine.launch_timeout")
 _NON_NEGATIVE = ("run.threads", "warm_start.steps", "checkpoint.every", "checkpoint.keep", "train.warmup_steps",
-                 "rollout.temperature", "train.kl_coef", "train.grad_clip")
+                 "rollout.temperature", "train.kl_coef", "train.grad_clip", "engine.mem_fraction_static", "engine.port")
 
 
 def _check_values(merged: dict[str, dict[str, Any]]) -> None:
@@ -319,9 +331,13 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
     for path, choices in (("run.mode", ("train", "eval")), ("run.policy", ("model", "gold")),
                           ("cluster.executor", ("local", "ray")), ("cluster.mode", ("colocate", "disaggregated")),
                           ("cluster.placement", ("pack", "spread")), ("rollout.batching", ("lockstep", "free")),
-                          ("sandbox.isolation", ("auto", "namespaces", "rlimits"))):
+                          ("sandbox.isolation", ("auto", "namespaces", "rlimits")),
+                          ("engine.launcher", ("sglang", "agentbench"))):
         if get(path) not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(choices)}; got '{get(path)}'")
+    if get("engine.url") and merged["cluster"]["rollout_devices"] != 1:
+        raise ConfigError("engine.url attaches one engine worker to one server; with several rollout devices "
+                          "leave it empty and let each worker launch its own")
     if get("run.policy") == "gold" and get("run.mode") != "eval":
         raise ConfigError("run.policy=gold replays gold actions, which there is nothing to train on; "
                           "use it with --mode eval")

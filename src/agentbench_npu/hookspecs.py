@@ -22,7 +22,8 @@ def register_devices(register):
 
 @hookspec
 def register_engines(register):
-    """Add inference engines: classes with `name` that build an EngineClient."""
+    """Add inference engines: classes with `name` and a classmethod `create(model_dir, *, tokenizer, dtype, device,
+    seed, attn_implementation, options)` that builds an EngineClient (`options`: the run's [engine] section)."""
 
 
 @hookspec

@@ -192,6 +192,35 @@ class HttpEngine(EngineClient):
     async def flush_cache(self) -> None:
         await self._call("POST", "/flush_cache")
 
+    # -- colocated training: the engine gives its device memory back while the trainer steps ---------
+    async def release_memory_occupation(self) -> None:
+        await self._call("POST", "/release_memory_occupation", {})
+
+    async def resume_memory_occupation(self) -> None:
+        await self._call("POST", "/resume_memory_occupation", {})
+
+    # -- weights over a process group (the trainer is rank 0 and broadcasts each tensor in order) -----
+    async def init_weights_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, backend: str, group_name: str = "weight_update_group") -> None:
+        await self._call("POST", "/init_weights_update_group", {
+            "master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+            "world_size": world_size, "group_name": group_name, "backend": backend})
+
+    async def update_weights_from_distributed(self, specs: Sequence[tuple[str, tuple, str]],
+                                              group_name: str = "weight_update_group") -> int:
+        """Receive one update: `specs` = (name, shape, dtype) in the order the trainer broadcasts them."""
+        data = await self._call("POST", "/update_weights_from_distributed", {
+            "names": [n for n, _, _ in specs], "dtypes": [d for _, _, d in specs],
+            "shapes": [list(s) for _, s, _ in specs], "group_name": group_name, "flush_cache": True})
+        try:
+            self.weight_version = int(data.get("weight_version"))
+        except (TypeError, ValueError):
+            self.weight_version += 1
+        return self.weight_version
+
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        await self._call("POST", "/destroy_weights_update_group", {"group_name": group_name})
+
     async def health(self) -> bool:
         try:
             response = await self._http().get("/health")

@@ -2,8 +2,10 @@
 
 from ..hookspecs import hookimpl
 from .reference import ReferenceEngine
+from .sglang import SGLangEngine
 
 
 @hookimpl
 def register_engines(register):
     register(ReferenceEngine)
+    register(SGLangEngine)

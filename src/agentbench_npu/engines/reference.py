@@ -7,6 +7,9 @@ thread so the event loop (tools, sandboxes, HTTP) stays responsive.
 On MoE models the engine records the experts every forwarded token was routed to, for the requests that
 ask (`return_routed_experts`, or the engine's own flag of that name). A row whose logits turn non-finite
 (NaN weights, an overflow) stops there with finish reason "abort" instead of sampling from NaN.
+
+Like SGLang's `release_memory_occupation` for colocated training, the engine can give its weights' memory back
+and take it again: after `resume_memory_occupation` the weights are uninitialised until the next update.
 """
 
 from __future__ import annotations
@@ -45,11 +48,13 @@ class ReferenceEngine(EngineClient):
         self.eos_ids = _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
         self.moe = moe_spec(self.model)
+        self._released: dict[str, tuple[torch.Size, torch.dtype]] | None = None  # shapes while memory is released
 
     @classmethod
     def create(cls, model_dir: Path, *, tokenizer: Any, dtype: str, device: torch.device, seed: int = 0,
-               attn_implementation: str = "sdpa") -> ReferenceEngine:
-        """The engine's own copy of the weights in `model_dir`, on `device` in `dtype`."""
+               attn_implementation: str = "sdpa", options: Any = None) -> ReferenceEngine:
+        """The engine's own copy of the weights in `model_dir`, on `device` in `dtype` (`options`, the run's
+        [engine] section, are for server backends)."""
         from ..models.loading import load_causal_lm
 
         model = load_causal_lm(model_dir, dtype, device, attn_implementation)
@@ -90,9 +95,41 @@ class ReferenceEngine(EngineClient):
 
     def checksum(self) -> str:
         with self._lock:
+            self._need_memory("a weights checksum")
             return weights_checksum(self.named_weights())
 
+    # -- memory, for colocated training ------------------------------------------------------
+    @property
+    def memory_released(self) -> bool:
+        return self._released is not None
+
+    def release_memory_occupation(self) -> None:
+        """Free the weights' storage (the parameters stay, empty); generation is refused until resumed."""
+        with self._lock:
+            if self._released is not None:
+                return
+            self._released = {}
+            for name, param in self.model.named_parameters():
+                self._released[name] = (param.shape, param.dtype)
+                param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+
+    def resume_memory_occupation(self) -> None:
+        """Allocate the weights again, uninitialised: load or send weights before generating."""
+        with self._lock:
+            if self._released is None:
+                return
+            for name, param in self.model.named_parameters():
+                shape, dtype = self._released[name]
+                param.data = torch.empty(shape, dtype=dtype, device=self.device)
+            self._released = None
+
+    def _need_memory(self, what: str) -> None:
+        if self._released is not None:
+            raise RuntimeError(f"the engine's memory is released (release_memory_occupation); resume it before "
+                               f"{what}")
+
     def update_weights_from_tensors(self, named: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+        self._need_memory("a weight update")
         params = dict(self.model.named_parameters())
         tied = {"lm_head.weight"} if getattr(self.model.config, "tie_word_embeddings", False) else set()
         updates = []
@@ -106,6 +143,7 @@ class ReferenceEngine(EngineClient):
                 raise ValueError(f"'{name}': engine shape {tuple(target.shape)} != update {tuple(tensor.shape)}")
             updates.append((target, tensor))
         with self._lock, torch.no_grad():
+            self._need_memory("a weight update")
             for target, tensor in updates:
                 target.copy_(tensor)
             self.weight_version = self.weight_version + 1 if version is None else version
@@ -115,6 +153,7 @@ class ReferenceEngine(EngineClient):
     @torch.inference_mode()
     def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
         with self._lock:
+            self._need_memory("generating")
             return self._generate_locked(requests)
 
     def _generate_locked(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:

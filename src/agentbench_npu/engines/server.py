@@ -25,6 +25,7 @@ from ..http_thread import AppThread
 from ..types import GenerateRequest, GenerateResult, SamplingParams
 from .chat import openai_choice
 from .reference import ReferenceEngine
+from .server_rl import add_rl_routes
 
 
 class BadRequest(ValueError):
@@ -143,7 +144,9 @@ def encode_routed_experts(routes: Any) -> str:
     return base64.b64encode(routes.to(torch.int32).contiguous().numpy().tobytes()).decode("ascii")
 
 
-async def _json_body(request: fastapi.Request) -> dict[str, Any]:
+async def _json_body(request: fastapi.Request, empty_ok: bool = False) -> dict[str, Any]:
+    if empty_ok and not await request.body():
+        return {}
     try:
         body = await request.json()
     except ValueError:
@@ -184,6 +187,9 @@ def create_app(engine: ReferenceEngine) -> fastapi.FastAPI:
 
     @app.post("/generate")
     async def generate(request: fastapi.Request) -> Any:
+        if engine.memory_released:
+            raise BadRequest("the engine's memory is released (/release_memory_occupation); "
+                             "POST /resume_memory_occupation and update the weights first")
         body = await _json_body(request)
         _reject_unknown(body, GENERATE_FIELDS, "")
         _only_defaults(body, GENERATE_DEFAULTS, "")
@@ -310,6 +316,7 @@ def create_app(engine: ReferenceEngine) -> fastapi.FastAPI:
                 "usage": {"prompt_tokens": len(ids), "completion_tokens": completion,
                           "total_tokens": len(ids) + completion}}
 
+    add_rl_routes(app, engine, _json_body)
     return app
 
 

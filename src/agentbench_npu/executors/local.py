@@ -33,8 +33,17 @@ class LocalCluster(Cluster):
         return state
 
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
-        metrics = self.trainer.train_step(trajs)
-        return {**metrics, "rank_losses": [metrics["loss"]], "rank_checksums": [metrics["weights_checksum"]]}
+        # a server engine gives its device memory to the trainer for the step (weights are re-sent after)
+        release = self.config.engine.release_memory and hasattr(self.engine, "release_memory_occupation")
+        if release:
+            self.engine_worker.release_memory()
+        try:
+            metrics = self.trainer.train_step(trajs)
+        finally:
+            if release:
+                self.engine_worker.resume_memory()
+        return {**metrics, "rank_losses": [metrics["loss"]], "rank_checksums": [metrics["weights_checksum"]],
+                "engine_memory_released": release}
 
     def sync_weights(self) -> SyncResult:
         return self.transport.push(self.trainer.model, self.engine)
@@ -53,6 +62,9 @@ class LocalCluster(Cluster):
         """Drop the models and optimizer so that the gates' own runs get the device memory back."""
         import gc
 
+        worker = self.__dict__.get("engine_worker")
+        if worker is not None:
+            worker.close()
         for name in ("trainer", "engine_worker", "engine"):
             self.__dict__.pop(name, None)
         gc.collect()
@@ -61,4 +73,6 @@ class LocalCluster(Cluster):
             module.empty_cache()
 
     def describe(self) -> dict[str, Any]:
-        return {"executor": "local", "mode": "colocate", "train_ranks": 1, "engines": 1, "sync": "colocate"}
+        engine = self.engine_factory.name
+        return {"executor": "local", "mode": "colocate", "train_ranks": 1, "engines": 1, "engine": engine,
+                "sync": getattr(self.engine_factory, "colocated_transport", "colocate")}

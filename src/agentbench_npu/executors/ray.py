@@ -179,7 +179,7 @@ class RayCluster(Cluster):
         world = 1 + len(self.engines)
         specs = self._get(self.trainers[0].weight_specs.remote(), "trainer rank 0")
         self._get([self.trainers[0].join_update_group.remote(host, port, world)] +
-                  [e.join_update_group.remote(host, port, i + 1, world, specs, self.config.cluster.sync_bucket_mb << 20)
+                  [e.join_update_group.remote(host, port, i + 1, world, specs, self._bucket_bytes())
                    for i, e in enumerate(self.engines)],
                   "weight-update group")
         self.engine = RayEngineClient(self.engines)
@@ -205,8 +205,12 @@ class RayCluster(Cluster):
         return {**results[0], "rank_losses": [r["loss"] for r in results],
                 "rank_checksums": [r["weights_checksum"] for r in results]}
 
+    def _bucket_bytes(self) -> int:
+        # server engines (SGLang) receive one broadcast per tensor; ours take buckets of sync_bucket_mb
+        return 0 if getattr(self.engine_factory, "per_tensor_broadcast", False) else self.config.cluster.sync_bucket_mb << 20
+
     def sync_weights(self) -> SyncResult:
-        bucket = self.config.cluster.sync_bucket_mb << 20
+        bucket = self._bucket_bytes()
         dtype = self.config.model.engine_dtype or self.config.model.dtype
         sent, *received = self._get([self.trainers[0].send_weights.remote(bucket, dtype)] +
                                     [e.receive_weights.remote() for e in self.engines], "the weight sync")
@@ -243,6 +247,11 @@ class RayCluster(Cluster):
 
     def shutdown(self) -> None:
         ray = _ray()
+        if self.engines:  # engines that started a server stop it (a killed actor would leave it running)
+            try:
+                ray.get([e.close.remote() for e in self.engines], timeout=60)
+            except Exception:  # a dead actor's server died with its process group, or is reported by Ray
+                pass
         for actor in self.trainers + self.engines:
             try:
                 ray.kill(actor)

@@ -7,6 +7,7 @@ lives in the driver process or in a Ray actor on another node.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -18,6 +19,7 @@ import torch
 from ..config import RunConfig
 from ..devices import Device
 from ..models.loading import load_causal_lm, load_tokenizer
+from ..models.moe import model_dir_is_moe
 from ..sync.checksum import weights_checksum
 from ..sync.distributed import BucketBuffers, receive_weights, send_weights, weight_specs
 from ..training.checkpoint import load_checkpoint, optimizer_checksum, save_checkpoint
@@ -158,12 +160,14 @@ class EngineWorker:
         torch_device = _prepare_process(self.spec)
         model_dir = Path(self.spec.resume_from) / "model" if self.spec.resume_from else Path(self.spec.model_dir)
         tokenizer = load_tokenizer(model_dir)
+        # MoE models: the trainer replays or compares the engine's routes (dense engines ignore the flag)
+        routes = bool(c.train.get("routing_replay") or c.train.get("routing_compare", True))
+        options = {**dataclasses.asdict(c.engine), "routed_experts": routes and model_dir_is_moe(model_dir)}
         self.engine = engine_factory.create(
             model_dir, tokenizer=tokenizer, dtype=c.model.engine_dtype or c.model.dtype, device=torch_device,
-            seed=c.run.seed, attn_implementation=c.model.attn_implementation,
+            seed=c.run.seed, attn_implementation=c.model.attn_implementation, options=options,
         )
-        # MoE models: the trainer replays or compares the engine's routes (dense engines ignore the flag)
-        self.engine.return_routed_experts = bool(c.train.get("routing_replay") or c.train.get("routing_compare", True))
+        self.engine.return_routed_experts = routes
         for fault in self.spec.faults:
             if fault.role == self.role:
                 fault.inject(self)
@@ -195,14 +199,36 @@ class EngineWorker:
                           specs: list[tuple[str, tuple, str]], bucket_bytes: int) -> None:
         from ..sync.distributed import open_group
 
+        if hasattr(self.engine, "init_weights_update_group"):  # a server engine joins the group itself
+            self.engine.init_weights_update_group(host, port, rank, world_size, backend="gloo")
+            self._specs = specs
+            return
         self._update_group = open_group(host, port, rank=rank, world_size=world_size)
         self._buffers = BucketBuffers(specs, bucket_bytes)
 
     def receive_weights(self) -> dict[str, Any]:
         start = time.perf_counter()
-        named = receive_weights(self._update_group, self._buffers)
-        version = self.engine.update_weights_from_tensors(named)
+        if hasattr(self.engine, "update_weights_from_distributed"):
+            version = self.engine.update_weights_from_distributed(self._specs)
+        else:
+            named = receive_weights(self._update_group, self._buffers)
+            version = self.engine.update_weights_from_tensors(named)
         return {"seconds": time.perf_counter() - start, "checksum": self.engine.checksum(), "version": version}
+
+    def release_memory(self) -> None:
+        """Colocated: give the device memory to the trainer (server engines that can)."""
+        if hasattr(self.engine, "release_memory_occupation"):
+            self.engine.release_memory_occupation()
+
+    def resume_memory(self) -> None:
+        if hasattr(self.engine, "resume_memory_occupation"):
+            self.engine.resume_memory_occupation()
+
+    def close(self) -> None:
+        """Stop what the engine started (a server process); in-process engines hold nothing to stop."""
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
 
 
 def current_node_id() -> str:

@@ -40,19 +40,22 @@ class ColocateSync:
 
     def push(self, model: torch.nn.Module, engine: Any) -> SyncResult:
         start = time.perf_counter()
-        engine_params = dict(engine.named_weights())
-        named = []
-        for name, param in model.named_parameters():
-            target = engine_params.get(name)
-            tensor = param.detach()
-            if target is not None:
-                tensor = tensor.to(device=target.device, dtype=target.dtype)
-            named.append((name, tensor))
+        if hasattr(engine, "cast_for_update"):  # a server engine: it says what it holds (dtype, host memory)
+            named = engine.cast_for_update(model.named_parameters())
+        else:
+            engine_params = dict(engine.named_weights())
+            named = []
+            for name, param in model.named_parameters():
+                target = engine_params.get(name)
+                tensor = param.detach()
+                if target is not None:
+                    tensor = tensor.to(device=target.device, dtype=target.dtype)
+                named.append((name, tensor))
         version = engine.update_weights_from_tensors(named)
         trainer_sum = weights_checksum(named)
         engine_sum = engine.checksum()
         return SyncResult(
-            transport=self.name,
+            transport=getattr(engine, "colocated_transport", self.name),
             seconds=time.perf_counter() - start,
             bytes=sum(t.numel() * t.element_size() for _, t in named),
             tensors=len(named),
