@@ -21,14 +21,17 @@ for patch_file in "${patches[@]}"; do
         exit 1
     fi
     dist="${BASH_REMATCH[1]}" pinned="${BASH_REMATCH[2]}"
+    # the version from the distribution's metadata; the dir from importing its top-level package, which also
+    # finds editable installs (their files are not under site-packages)
     found=$(python3 - "$dist" <<'PY'
-import importlib.metadata as md, pathlib, sys
+import importlib, importlib.metadata as md, pathlib, sys
 try:
     d = md.distribution(sys.argv[1])
 except md.PackageNotFoundError:
     sys.exit(0)
 top = (d.read_text("top_level.txt") or "").split() or [d.metadata["Name"].replace("-", "_")]
-print(d.version, pathlib.Path(d.locate_file(top[0])).resolve())
+package = importlib.import_module(top[0])
+print(d.version, pathlib.Path(list(package.__path__)[0]).resolve())
 PY
 )
     if [ -z "$found" ]; then

@@ -130,6 +130,7 @@ class EngineSection:
     launch_timeout: float = 600.0  # seconds to wait for /health
     extra_args: list = field(default_factory=list)  # more launch_server flags, verbatim
     port: int = 0  # 0 = a free port
+    staging_dir: str = ""  # colocated syncs write weights here for the server to load; "" = a local temp dir
 
 
 @dataclass(frozen=True)

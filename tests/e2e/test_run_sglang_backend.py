@@ -31,3 +31,10 @@ def test_a_bad_engine_option_is_refused_before_anything_starts(cli, tmp_path):
     proc = cli("run", "base", "--engine", "sglang", "--set", "engine.launcher=vllm", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "engine.launcher must be one of sglang, agentbench" in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_fault_that_breaks_the_in_process_engine_is_refused_with_a_server_engine(cli, tmp_path):
+    proc = cli("run", "base", "--engine", "sglang", "--set", "engine.launcher=agentbench",
+               "--inject-fault", "stale-weights", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "fault 'stale-weights' would not change this run" in proc.stderr
+    assert "--engine reference" in proc.stderr and not (tmp_path / "r").exists()

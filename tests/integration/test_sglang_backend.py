@@ -82,7 +82,7 @@ def test_released_memory_refuses_generation_until_resumed_and_reloaded(engine, l
         engine.generate_batch([REQUEST])
     engine.resume_memory_occupation()
     # as with SGLang's memory saver, resumed weights are not the old ones until weights are sent again
-    named = perturbed(lm, 0.0)
+    named = perturbed(lm, 5e-4)
     engine.update_weights_from_tensors(engine.cast_for_update(named))
     assert engine.checksum() == weights_checksum(named) != before
     assert engine.generate_batch([REQUEST])[0].output_ids

@@ -30,7 +30,9 @@ def test_a_real_sglang_server_on_an_npu_gets_the_ascend_backend_and_rl_flags():
     assert flag(argv, "--tp-size") == "2" and flag(argv, "--random-seed") == "7"
     assert flag(argv, "--device") == "npu" and flag(argv, "--base-gpu-id") == "3"
     assert flag(argv, "--attention-backend") == "ascend"
-    assert "--enable-memory-saver" in argv and "--enable-deterministic-inference" in argv
+    assert "--enable-memory-saver" in argv
+    # SGLang's deterministic inference refuses the ascend backend: on NPUs determinism is HCCL_DETERMINISTIC's
+    assert "--enable-deterministic-inference" not in argv
     assert "--enable-return-routed-experts" not in argv and "--ep-size" not in argv
     assert "--mem-fraction-static" not in argv  # SGLang's own default unless asked
 
@@ -45,6 +47,14 @@ def test_a_moe_server_on_cuda_with_expert_parallelism_returns_routes_and_takes_e
     assert "--enable-return-routed-experts" in argv
     assert "--enable-memory-saver" not in argv and "--enable-deterministic-inference" not in argv
     assert argv[-3:] == ["--disable-cuda-graph", "--chunked-prefill-size", "4096"]
+
+
+@pytest.mark.parametrize("backend, deterministic", [("", True), ("fa3", True), ("flashinfer", True),
+                                                     ("triton", True), ("torch_native", False)])
+def test_deterministic_inference_is_asked_for_only_with_backends_that_support_it(backend, deterministic):
+    argv = sglang_argv("/m", host="h", port=1, dtype="bfloat16", device="cuda", seed=0,
+                       options={**DEFAULTS, "attention_backend": backend}, routed_experts=False)
+    assert ("--enable-deterministic-inference" in argv) is deterministic
 
 
 def test_our_own_server_stands_in_with_the_same_api_subset():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import shutil
@@ -221,9 +222,12 @@ def distributed_checks(devices: dict[str, Any], required: set[str]) -> list[Chec
     except Exception as exc:
         checks = [Check("distributed", "gloo", FAIL, one_line(exc))]
     nccl = dist.is_nccl_available() and torch.cuda.is_available()
-    checks.append(_check("distributed", "nccl", nccl,
-                         f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}" if nccl else
-                         "needs a CUDA torch build and a GPU", "cuda" in required))
+    try:
+        nccl_detail = f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}" if nccl else \
+            "needs a CUDA torch build and a GPU"
+    except Exception as exc:  # the library is there but does not answer: say so, do not crash the report
+        nccl, nccl_detail = False, f"NCCL does not report its version: {one_line(exc)}"
+    checks.append(_check("distributed", "nccl", nccl, nccl_detail, "cuda" in required))
     hccl = False
     if "npu" in devices and importlib.util.find_spec("torch_npu") is not None:
         try:

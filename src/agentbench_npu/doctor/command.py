@@ -88,14 +88,18 @@ def smoke_verdict(report: dict[str, Any] | None, returncode: int, stderr: str, o
     return Check("smoke", "run base (1 step)", OK if passed else FAIL, detail if passed else f"{detail}; run dir {out}")
 
 
-def run_smoke(device: str, model: str, out: Path | None) -> Check:
+def run_smoke(device: str, model: str, out: Path | None, timeout: float) -> Check:
     keep = out is not None
     run_dir = out or Path(tempfile.mkdtemp(prefix="agentbench-npu-smoke-")) / "run"
     click.echo(f"smoke: `agentbench-npu run base --steps 1` on {device} (the first run on a machine also builds "
                "and warms up the tiny model: minutes on a CPU) ...", err=True)
     start = time.perf_counter()
-    proc = subprocess.run(smoke_command(device, model, run_dir), capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        proc = subprocess.run(smoke_command(device, model, run_dir), capture_output=True, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Check("smoke", "run base (1 step)", FAIL, f"still running after {timeout:g} s (--smoke-timeout): a "
+                     f"hung collective or device? run dir {run_dir}")
     report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
     check = smoke_verdict(report, proc.returncode, proc.stderr, run_dir, time.perf_counter() - start)
@@ -133,10 +137,12 @@ def _print(checks: list[Check], header: str) -> None:
 @click.option("--model", default="tiny", show_default=True, help="the model --smoke runs: tiny or a local checkpoint")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="keep the smoke run here (default: a temporary dir, kept only if the smoke run fails)")
+@click.option("--smoke-timeout", default=1800.0, show_default=True, type=float,
+              help="seconds the smoke run may take (the first one also builds the tiny model)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def doctor(ctx: click.Context, device: str, requires: tuple[str, ...], smoke: bool, model: str, out: Path | None,
-           as_json: bool) -> None:
+           smoke_timeout: float, as_json: bool) -> None:
     """Import the whole stack and say what is here: versions, devices and their memory, process-group backends,
     sandboxes, the cache. Absent optional parts are said, not failures. Exit 0 ready, 1 something required failed.
     """
@@ -153,7 +159,7 @@ def doctor(ctx: click.Context, device: str, requires: tuple[str, ...], smoke: bo
             checks.append(Check("smoke", "run base (1 step)", FAIL, "not run: fix the failures above first"))
         else:
             try:
-                checks.append(run_smoke(chosen, model, out))
+                checks.append(run_smoke(chosen, model, out, smoke_timeout))
             except OSError as exc:
                 checks.append(Check("smoke", "run base (1 step)", FAIL, f"could not start: {one_line(exc)}"))
     failed = any(c.status == FAIL for c in checks)

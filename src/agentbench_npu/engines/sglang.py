@@ -35,6 +35,9 @@ from .base import EngineClient
 from .http import EngineRequestError, HttpEngine
 
 LAUNCHERS = ("sglang", "agentbench")
+# SGLang's deterministic inference works with these attention backends only ("" = its default choice) and refuses
+# to start with another one named; on Ascend (backend "ascend") determinism comes from HCCL_DETERMINISTIC instead
+DETERMINISTIC_BACKENDS = ("", "flashinfer", "fa3", "triton")
 
 
 class EngineLaunchError(UserError):
@@ -63,7 +66,7 @@ def sglang_argv(model_dir: str | Path, *, host: str, port: int, dtype: str, devi
         argv += ["--mem-fraction-static", f"{float(options['mem_fraction_static']):g}"]
     if options.get("release_memory", True):
         argv.append("--enable-memory-saver")  # /release_memory_occupation frees weights and KV cache
-    if options.get("deterministic", True):
+    if options.get("deterministic", True) and attention in DETERMINISTIC_BACKENDS:
         argv.append("--enable-deterministic-inference")
     if routed_experts:
         argv.append("--enable-return-routed-experts")
@@ -89,6 +92,15 @@ def routes_shape(model_dir: Path) -> tuple[int, int] | None:
     return (int(config["num_hidden_layers"]), int(top_k)) if top_k and "num_hidden_layers" in config else None
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before exec: SIGTERM when the process that launched it dies (Linux), so a killed
+    run does not leave a server holding its devices."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     """A server subprocess in its own process group: started, waited for until /health answers, stopped."""
 
@@ -103,7 +115,7 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True)
+                                         env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -143,35 +155,65 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to the server's whole process group (SGLang runs a scheduler and workers), then SIGKILL."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the server's whole process group (SGLang runs a scheduler and workers), SIGKILL to what is
+        left after `grace` seconds — also when the server's main process is gone and its workers are not."""
+        if self.proc is None:
             return
+        group, pause = self.proc.pid, threading.Event()
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(group, sig)
             except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+                break  # nobody left in the group
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self.proc.poll()  # reap the main process, or it stays in the group as a zombie
+                try:
+                    os.killpg(group, 0)
+                except ProcessLookupError:
+                    return
+                pause.wait(0.1)
+        self.proc.poll()
+
+
+def _staging_dir(options: Mapping[str, Any]) -> Path:
+    """Where colocated syncs write weights for the server to load: under engine.staging_dir when set (a dir the
+    server's host sees too, for a server attached by URL on another machine), else the local temp dir."""
+    root = options.get("staging_dir") or None
+    if root:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix="agentbench-npu-sglang-", dir=root))
 
 
 class _Loop:
-    """A private event loop on a thread, for the synchronous calls the executors make."""
+    """A private event loop on a thread: the engine's HTTP client lives there, for sync and async callers alike."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="sglang-client", daemon=True)
         self.thread.start()
+        self.closed = False
+
+    def _submit(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        if self.closed:
+            coro.close()
+            raise EngineRequestError("the sglang engine is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return self._submit(coro).result()
+
+    async def wrap(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return await asyncio.wrap_future(self._submit(coro))
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
+        self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 class SGLangEngine(EngineClient):
@@ -181,6 +223,7 @@ class SGLangEngine(EngineClient):
     description = "an SGLang server per engine worker (launched, or attached by engine.url) over SGLang's HTTP API"
     per_tensor_broadcast = True  # distributed updates: one broadcast per tensor, SGLang's protocol
     colocated_transport = "disk"  # colocated updates go through a safetensors staging dir
+    colocated_release = True  # colocated steps: release the server's memory while the trainer steps
 
     def __init__(self, url: str, *, dtype: str, model_path: str, process: ServerProcess | None = None,
                  staging: Path | None = None):
@@ -188,14 +231,13 @@ class SGLangEngine(EngineClient):
         self.dtype = dtype
         self.model_path = model_path
         self.process = process
-        self.http = HttpEngine(url)  # for callers on their own event loop (the rollout)
-        self._sync_http = HttpEngine(url)  # bound to the private loop below
+        self._http = HttpEngine(url)  # used only on the private loop below, whoever calls
         self._loop = _Loop()
         self._staging = staging or Path(tempfile.mkdtemp(prefix="agentbench-npu-sglang-"))
         self.memory_released = False
         self._update_specs: list[tuple[str, tuple, str]] = []
         shape = routes_shape(Path(model_path))  # SGLang's /get_model_info does not describe the experts
-        self.http.routes_shape = self._sync_http.routes_shape = shape
+        self._http.routes_shape = shape
 
     @classmethod
     def create(cls, model_dir: Path, *, tokenizer: Any = None, dtype: str, device: torch.device, seed: int = 0,
@@ -203,8 +245,9 @@ class SGLangEngine(EngineClient):
         """Attach to `options["url"]`, or launch a server for `model_dir` and wait until it answers."""
         options = dict(options or {})
         if options.get("url"):
-            engine = cls(str(options["url"]).rstrip("/"), dtype=dtype, model_path=str(model_dir))
-            if not engine._sync(engine._sync_http.health()):
+            engine = cls(str(options["url"]).rstrip("/"), dtype=dtype, model_path=str(model_dir),
+                         staging=_staging_dir(options))
+            if not engine._sync(engine._http.health()):
                 engine.close()
                 raise EngineLaunchError(f"engine.url {options['url']}: no SGLang server answers /health there")
             return engine
@@ -224,7 +267,7 @@ class SGLangEngine(EngineClient):
             argv = agentbench_argv(model_dir, host=host, port=port, dtype=dtype, device=device.type, seed=seed)
         else:
             raise UserError(f"engine.launcher {launcher!r}: must be one of {', '.join(LAUNCHERS)}")
-        staging = Path(tempfile.mkdtemp(prefix="agentbench-npu-sglang-"))
+        staging = _staging_dir(options)
         url = f"http://{host}:{port}"
         process = ServerProcess(argv, url, Path(options.get("log_dir") or staging) / f"server-{port}.log")
         try:
@@ -239,50 +282,45 @@ class SGLangEngine(EngineClient):
 
     @property
     def weight_version(self) -> int:
-        return self._sync_http.weight_version
+        return self._http.weight_version
 
     @weight_version.setter
     def weight_version(self, value: int) -> None:
-        self.http.weight_version = self._sync_http.weight_version = int(value)
+        self._http.weight_version = int(value)
 
     @property
     def return_routed_experts(self) -> bool:  # type: ignore[override]
-        return self.http.return_routed_experts
+        return self._http.return_routed_experts
 
     @return_routed_experts.setter
     def return_routed_experts(self, value: bool) -> None:
-        moe = self.http.routes_shape is not None  # dense models have no routes to return
-        self.http.return_routed_experts = self._sync_http.return_routed_experts = bool(value) and moe
+        moe = self._http.routes_shape is not None  # dense models have no routes to return
+        self._http.return_routed_experts = bool(value) and moe
 
-    # -- EngineClient (async, on the caller's loop) -------------------------------------------------
+    # -- EngineClient (async; every call runs on the private loop: one connection pool, whichever loop asks) --
     async def generate(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        self.http.weight_version = self._sync_http.weight_version
-        return await self.http.generate(requests)
+        return await self._loop.wrap(self._http.generate(requests))
 
     async def update_weights_from_disk(self, path: str | Path) -> int:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-            self._sync_http.update_weights_from_disk(path), self._loop.loop))
+        return await self._loop.wrap(self._http.update_weights_from_disk(path))
 
     async def weights_checksum(self) -> str:
-        return await self._sync_http_call(self._sync_http.weights_checksum())
+        return await self._loop.wrap(self._http.weights_checksum())
 
     async def model_info(self) -> dict[str, Any]:
-        info = await self._sync_http_call(self._sync_http.model_info())
+        info = await self._loop.wrap(self._http.model_info())
         return {**info, "engine": self.name, "url": self.url}
 
     async def health(self) -> bool:
-        return await self._sync_http_call(self._sync_http.health())
-
-    async def _sync_http_call(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop.loop))
+        return await self._loop.wrap(self._http.health())
 
     # -- what the executors call (synchronous) -----------------------------------------------------
     def generate_batch(self, requests: Sequence[GenerateRequest]) -> list[GenerateResult]:
-        return self._sync(self._sync_http.generate(requests))
+        return self._sync(self._http.generate(requests))
 
     def checksum(self) -> str:
         try:
-            return self._sync(self._sync_http.weights_checksum())
+            return self._sync(self._http.weights_checksum())
         except EngineRequestError as exc:
             raise EngineRequestError(f"{exc}. Checking a stock SGLang server's weights against the trainer's is not "
                                      "built yet: run with engine.launcher = \"agentbench\", or a server that offers "
@@ -307,37 +345,37 @@ class SGLangEngine(EngineClient):
                 shutil.copy(Path(self.model_path) / extra, partial / extra)
         shutil.rmtree(target, ignore_errors=True)
         partial.rename(target)
-        new = self._sync(self._sync_http.update_weights_from_disk(target))
+        new = self._sync(self._http.update_weights_from_disk(target))
         if version is not None:
             self.weight_version = version
             return version
         return new
 
     def release_memory_occupation(self) -> None:
-        self._sync(self._sync_http.release_memory_occupation())
+        self._sync(self._http.release_memory_occupation())  # raises unless the server said it released
         self.memory_released = True
 
     def resume_memory_occupation(self) -> None:
-        self._sync(self._sync_http.resume_memory_occupation())
+        self._sync(self._http.resume_memory_occupation())
         self.memory_released = False
 
     def init_weights_update_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
-        self._sync(self._sync_http.init_weights_update_group(host, port, rank, world_size, backend))
+        self._sync(self._http.init_weights_update_group(host, port, rank, world_size, backend))
 
     def update_weights_from_distributed(self, specs: Sequence[tuple[str, tuple, str]]) -> int:
-        return self._sync(self._sync_http.update_weights_from_distributed(specs))
+        return self._sync(self._http.update_weights_from_distributed(specs))
 
     def destroy_weights_update_group(self) -> None:
-        self._sync(self._sync_http.destroy_weights_update_group())
+        self._sync(self._http.destroy_weights_update_group())
 
     # -- teardown -----------------------------------------------------------------------------------
-    async def aclose(self) -> None:
-        await self.http.aclose()
-
     def close(self) -> None:
-        """Stop a launched server (an attached one keeps running), drop the staging dir and the client loop."""
+        """Stop a launched server (an attached one keeps running), drop the staging dir and the client loop.
+        Safe to call twice."""
+        if self._loop.closed:
+            return
         try:
-            self._sync(self._sync_http.aclose())
+            self._sync(self._http.aclose())
         except Exception as exc:  # closing must not hide why we are closing
             print(f"sglang engine: closing the client failed: {one_line(exc)}", file=sys.stderr)
         self._loop.close()

@@ -33,17 +33,18 @@ class LocalCluster(Cluster):
         return state
 
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
-        # a server engine gives its device memory to the trainer for the step (weights are re-sent after)
-        release = self.config.engine.release_memory and hasattr(self.engine, "release_memory_occupation")
-        if release:
-            self.engine_worker.release_memory()
+        # a server engine (SGLang) gives its device memory to the trainer for the step; the weights are re-sent
+        # after. The in-process engine shares this process's memory with the trainer: nothing to hand over.
+        released = False
+        if self.config.engine.release_memory and getattr(self.engine, "colocated_release", False):
+            released = self.engine_worker.release_memory()
         try:
             metrics = self.trainer.train_step(trajs)
         finally:
-            if release:
+            if released:
                 self.engine_worker.resume_memory()
         return {**metrics, "rank_losses": [metrics["loss"]], "rank_checksums": [metrics["weights_checksum"]],
-                "engine_memory_released": release}
+                "engine_memory_released": released}
 
     def sync_weights(self) -> SyncResult:
         return self.transport.push(self.trainer.model, self.engine)

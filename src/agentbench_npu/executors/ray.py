@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from typing import Any, Sequence
 
 from ..config import RunConfig
@@ -247,11 +248,14 @@ class RayCluster(Cluster):
 
     def shutdown(self) -> None:
         ray = _ray()
-        if self.engines:  # engines that started a server stop it (a killed actor would leave it running)
+        # engines that started a server stop it; each on its own, so that one dead actor does not cut the others
+        # short (a server whose actor died gets SIGTERM from the kernel: it was started with a parent-death signal)
+        closing = [(i, e.close.remote()) for i, e in enumerate(self.engines)]
+        for i, ref in closing:
             try:
-                ray.get([e.close.remote() for e in self.engines], timeout=60)
-            except Exception:  # a dead actor's server died with its process group, or is reported by Ray
-                pass
+                ray.get(ref, timeout=60)
+            except Exception as exc:
+                print(f"engine worker {i}: closing its engine failed: {one_line(exc)[:200]}", file=sys.stderr)
         for actor in self.trainers + self.engines:
             try:
                 ray.kill(actor)

@@ -163,9 +163,10 @@ class EngineWorker:
         # MoE models: the trainer replays or compares the engine's routes (dense engines ignore the flag)
         routes = bool(c.train.get("routing_replay") or c.train.get("routing_compare", True))
         options = {**dataclasses.asdict(c.engine), "routed_experts": routes and model_dir_is_moe(model_dir)}
+        kwargs = {"options": options} if _accepts(engine_factory.create, "options") else {}  # older plugins
         self.engine = engine_factory.create(
             model_dir, tokenizer=tokenizer, dtype=c.model.engine_dtype or c.model.dtype, device=torch_device,
-            seed=c.run.seed, attn_implementation=c.model.attn_implementation, options=options,
+            seed=c.run.seed, attn_implementation=c.model.attn_implementation, **kwargs,
         )
         self.engine.return_routed_experts = routes
         for fault in self.spec.faults:
@@ -215,20 +216,29 @@ class EngineWorker:
             version = self.engine.update_weights_from_tensors(named)
         return {"seconds": time.perf_counter() - start, "checksum": self.engine.checksum(), "version": version}
 
-    def release_memory(self) -> None:
-        """Colocated: give the device memory to the trainer (server engines that can)."""
-        if hasattr(self.engine, "release_memory_occupation"):
-            self.engine.release_memory_occupation()
+    def release_memory(self) -> bool:
+        """Colocated: give the device memory to the trainer; True once the engine said it did."""
+        self.engine.release_memory_occupation()
+        return bool(getattr(self.engine, "memory_released", True))
 
     def resume_memory(self) -> None:
-        if hasattr(self.engine, "resume_memory_occupation"):
-            self.engine.resume_memory_occupation()
+        self.engine.resume_memory_occupation()
 
     def close(self) -> None:
         """Stop what the engine started (a server process); in-process engines hold nothing to stop."""
         close = getattr(getattr(self, "engine", None), "close", None)
         if close is not None:
             close()
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def current_node_id() -> str:

@@ -229,6 +229,9 @@ def selected_faults(config: RunConfig, lookup: Callable[[str], Fault], gates: di
     for name in config.run.faults:
         fault = lookup(name)
         reason = fault.cannot_bite(config)
+        if reason is None and fault.role == "engine" and config.run.engine != "reference":
+            reason = (f"it breaks the in-process engine, and this run's engine is '{config.run.engine}'; "
+                      "inject it with --engine reference")
         catcher = gates.get(fault.caught_by)
         if reason is None and judged and catcher is not None and not catcher.applies(config):
             reason = f"the gate that catches it ({fault.caught_by}) does not apply: it needs {catcher.requirement}"
