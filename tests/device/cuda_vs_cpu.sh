@@ -3,12 +3,14 @@
 # GPU-vs-CPU comparison the checklist's TQ items ask of an accelerator, at toy size. Needs a CUDA torch
 # build and one GPU; a few minutes. Not part of the test suite (no GPU there): run it on a GPU host.
 #   tests/device/cuda_vs_cpu.sh [OUT_DIR]     # default $OUT, else runs/device
-# Writes OUT_DIR/{cpu,cuda}/ (report.json, report.md, report.html) and OUT_DIR/diff.{md,json}; exits with
-# the diff's status (0 within tolerance, 1 out, 2 error).
+# Writes OUT_DIR/doctor.json (what the host has, and a 1-step smoke run on CUDA), OUT_DIR/{cpu,cuda}/
+# (report.json, report.md, report.html) and OUT_DIR/diff.{md,json}; exits with the diff's status (0 within
+# tolerance, 1 out, 2 error).
 set -euo pipefail
 out="${1:-${OUT:-runs/device}}"
 mkdir -p "$out"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to torch')"
+agentbench-npu doctor --device cuda --smoke --json > "$out/doctor.json" || true
 agentbench-npu run base --device cpu --out "$out/cpu" -q || true    # a failed gate is itself a finding
 agentbench-npu run base --device cuda --out "$out/cuda" -q || true
 agentbench-npu diff "$out/cpu" "$out/cuda" --format json --out "$out/diff.json" >/dev/null || true
