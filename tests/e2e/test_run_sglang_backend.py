@@ -38,3 +38,15 @@ def test_a_fault_that_breaks_the_in_process_engine_is_refused_with_a_server_engi
                "--inject-fault", "stale-weights", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "fault 'stale-weights' would not change this run" in proc.stderr
     assert "--engine reference" in proc.stderr and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_over_ray_colocated_the_server_releases_memory_and_takes_weights_over_the_update_group(cli, tmp_path):
+    proc = cli("run", "base", "--executor", "ray", "--mode", "colocate", "--engine", "sglang",
+               "--set", "engine.launcher=agentbench", "--steps", "2", "--gates", "logprob_alignment,weight_sync",
+               "--out", str(tmp_path / "run"), "-q")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["environment"]["cluster"]["sync"] == "distributed (gloo)"  # /update_weights_from_distributed
+    assert all(step["engine_memory_released"] is True for step in report["steps"])
+    assert all(g["passed"] for g in report["gates"]) and len(report["gates"]) == 2

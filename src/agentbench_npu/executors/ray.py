@@ -202,9 +202,18 @@ class RayCluster(Cluster):
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
         shards = shard_by_group(trajs, len(self.trainers))
-        results = self._get([t.train_step.remote(s) for t, s in zip(self.trainers, shards)], "the training step")
+        # colocated server engines (SGLang) give their devices' memory to the trainers for the step
+        release = (self.config.cluster.mode == "colocate" and self.config.engine.release_memory
+                   and getattr(self.engine_factory, "colocated_release", False))
+        released = all(self._get([e.release_memory.remote() for e in self.engines], "releasing engine memory")) \
+            if release else False
+        try:
+            results = self._get([t.train_step.remote(s) for t, s in zip(self.trainers, shards)], "the training step")
+        finally:
+            if release:
+                self._get([e.resume_memory.remote() for e in self.engines], "resuming engine memory")
         return {**results[0], "rank_losses": [r["loss"] for r in results],
-                "rank_checksums": [r["weights_checksum"] for r in results]}
+                "rank_checksums": [r["weights_checksum"] for r in results], "engine_memory_released": released}
 
     def _bucket_bytes(self) -> int:
         # server engines (SGLang) receive one broadcast per tensor; ours take buckets of sync_bucket_mb
