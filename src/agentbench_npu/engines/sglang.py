@@ -235,7 +235,6 @@ class SGLangEngine(EngineClient):
         self._loop = _Loop()
         self._staging = staging or Path(tempfile.mkdtemp(prefix="agentbench-npu-sglang-"))
         self.memory_released = False
-        self._update_specs: list[tuple[str, tuple, str]] = []
         shape = routes_shape(Path(model_path))  # SGLang's /get_model_info does not describe the experts
         self._http.routes_shape = shape
 
