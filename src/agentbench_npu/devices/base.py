@@ -104,15 +104,25 @@ class Device:
         }
 
 
+def best_available(devices: Mapping[str, Device]) -> Device | None:
+    """The available device with the highest auto priority (what `--device auto` means); None if none is."""
+    for device in sorted(devices.values(), key=lambda d: -d.auto_priority):
+        try:
+            if device.is_available():
+                return device
+        except Exception:  # a broken stack is not available; `doctor` says why
+            continue
+    return None
+
+
 def resolve_device(name: str, devices: Mapping[str, Device]) -> Device:
     """`auto` → the available device with the highest priority; a name → that device, prepared."""
     if name == "auto":
-        ranked = sorted(devices.values(), key=lambda d: -d.auto_priority)
-        for device in ranked:
-            if device.is_available():
-                device.prepare()
-                return device
-        raise UserError("no device is available (not even cpu?)")
+        device = best_available(devices)
+        if device is None:
+            raise UserError("no device is available (not even cpu?)")
+        device.prepare()
+        return device
     if name not in devices:
         raise UserError(f"unknown device '{name}'; available: {', '.join(sorted(devices))}")
     device = devices[name]

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from .. import __version__
+from ..devices.base import best_available
 from ..errors import UserError, one_line
 from .checks import (ABSENT, FAIL, OK, WARN, Check, cache_check, cann_check, device_checks, distributed_checks,
                      docker_check, environment_checks, local_sandbox_check, modal_check, stack_checks, summarise)
@@ -34,14 +35,8 @@ def detect_device(devices: dict[str, Any], wanted: str) -> str:
         if wanted not in devices:
             raise UserError(f"doctor --device {wanted}: unknown device; available: {', '.join(sorted(devices))}")
         return wanted
-    ranked = sorted(devices.values(), key=lambda d: -d.auto_priority)
-    for device in ranked:
-        try:
-            if device.is_available():
-                return device.name
-        except Exception:
-            continue
-    return "cpu"
+    best = best_available(devices)
+    return best.name if best is not None else "cpu"
 
 
 def gather(devices: dict[str, Any], sandbox_factories: dict[str, Any], device: str,

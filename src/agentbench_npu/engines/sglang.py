@@ -30,9 +30,13 @@ import httpx
 import torch
 
 from ..errors import UserError, one_line
+from ..models.moe import routes_shape
 from ..types import GenerateRequest, GenerateResult
 from .base import EngineClient
 from .http import EngineRequestError, HttpEngine
+
+__all__ = ["EngineLaunchError", "SGLangEngine", "ServerProcess", "agentbench_argv", "free_port", "routes_shape",
+           "sglang_argv"]
 
 LAUNCHERS = ("sglang", "agentbench")
 # SGLang's deterministic inference works with these attention backends only ("" = its default choice) and refuses
@@ -78,18 +82,6 @@ def agentbench_argv(model_dir: str | Path, *, host: str, port: int, dtype: str, 
     """Our own engine server behind the same API subset (no accelerator needed)."""
     return [python, "-m", "agentbench_npu", "serve", "--model", str(model_dir), "--host", host, "--port", str(port),
             "--dtype", dtype, "--device", device, "--seed", str(seed)]
-
-
-def routes_shape(model_dir: Path) -> tuple[int, int] | None:
-    """(num_hidden_layers, experts per token) of an MoE checkpoint, from its config.json; None if dense."""
-    import json
-
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    top_k = config.get("num_experts_per_tok")
-    return (int(config["num_hidden_layers"]), int(top_k)) if top_k and "num_hidden_layers" in config else None
 
 
 def _die_with_parent() -> None:

@@ -60,6 +60,17 @@ def model_dir_is_moe(path: str | Path) -> bool:
         return False
 
 
+def routes_shape(model_dir: str | Path) -> tuple[int, int] | None:
+    """(num_hidden_layers, experts per token) of an MoE checkpoint from its config.json — the shape of each
+    token's recorded routes, for servers that do not describe their experts; None for a dense one."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    top_k = config.get("num_experts_per_tok")
+    return (int(config["num_hidden_layers"]), int(top_k)) if top_k and "num_hidden_layers" in config else None
+
+
 def model_is_moe(name_or_path: str) -> bool:
     """Whether a tiny model name or a checkpoint dir names a mixture-of-experts model (without loading it)."""
     from .tiny import TINY_MODELS

@@ -19,37 +19,30 @@ from .tokenizer import build_tokenizer
 BUILDER_VERSION = 2
 
 # Sizes measured to learn a toy task in seconds on 2 CPU cores (see MACHINE-NOTES: ~361k params).
+_TINY_DENSE: dict[str, Any] = {
+    "architecture": "Qwen3ForCausalLM",
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "intermediate_size": 256,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
 TINY_MODELS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "architecture": "Qwen3ForCausalLM",
-        "vocab_size": 512,
-        "hidden_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "intermediate_size": 256,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-    },
+    "tiny": _TINY_DENSE,
     # the stand-in for Qwen3-30B-A3B: the same architecture (Qwen3-MoE, softmax top-k router with
     # normalised top-k weights) at toy size, 8 experts, 2 routed per token in every layer
     "tiny-moe": {
+        **_TINY_DENSE,
         "architecture": "Qwen3MoeForCausalLM",
-        "vocab_size": 512,
-        "hidden_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "intermediate_size": 256,
         "moe_intermediate_size": 64,
         "num_experts": 8,
         "num_experts_per_tok": 2,
         "norm_topk_prob": True,
         "decoder_sparse_step": 1,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
     },
 }
 
