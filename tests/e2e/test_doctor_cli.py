@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -36,8 +37,12 @@ def test_this_cpu_machine_is_ready_and_the_absent_accelerator_stack_is_said_not_
     assert checks["cpu"]["status"] == "ok" and "cores" in checks["cpu"]["detail"]
     assert checks["cache"]["status"] == "ok" and os.environ["AGENTBENCH_NPU_CACHE"] in checks["cache"]["detail"]
     assert checks["local"]["status"] == "ok"  # ran python3 in a real sandbox
-    for absent in ("torch_npu", "sglang", "megatron-core", "CANN toolkit", "npu", "hccl"):
+    for absent in ("torch_npu", "sglang", "CANN toolkit", "npu", "hccl"):
         assert checks[absent]["status"] == "absent", checks[absent]
+    # the test extra installs megatron-core (its model runs on the CPU in tests): found, with its version
+    megatron = importlib.metadata.version("megatron-core") if importlib.util.find_spec("megatron") else None
+    assert checks["megatron-core"]["status"] == ("ok" if megatron else "absent")
+    assert not megatron or checks["megatron-core"]["detail"] == megatron
     assert "agentbench-npu[npu]" in checks["torch_npu"]["detail"]
     if torch.version.cuda is None:
         assert checks["cuda"]["status"] == "absent" and "without CUDA" in checks["cuda"]["detail"]

@@ -138,9 +138,20 @@ def test_parallel_sizes_that_do_not_fit_the_model_or_the_devices_are_refused():
     assert Parallel.for_world(16, tp=2, pp=2) == Parallel(tp=2, pp=2, ep=1, dp=4)
     with pytest.raises(ConfigError, match="2 x 3 must divide 16"):
         Parallel.for_world(16, tp=2, pp=3)
+    # experts are split over TP too (Megatron's default), so EP divides the data-parallel size
+    assert Parallel.for_world(16, tp=2, ep=8) == Parallel(tp=2, ep=8, dp=8)
+    with pytest.raises(ConfigError, match=r"expert parallel 8 must divide data parallel 4"):
+        Parallel.for_world(16, tp=4, ep=8)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("megatron") is not None, reason="megatron is installed here")
-def test_without_megatron_core_the_error_names_the_extra():
+def test_rope_base_is_read_where_transformers_5_writes_it():
+    v5 = {**QWEN3_4B, "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+    del v5["rope_theta"]
+    assert model_options(v5)["rotary_base"] == 1000000
+
+
+def test_without_megatron_core_the_error_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("megatron") else real(name, *a))
     with pytest.raises(MissingExtraError, match=r"agentbench-npu\[megatron\]"):
         require_megatron("cuda")

@@ -17,7 +17,8 @@ from .convert import check_parallelism, layout_from_hf
 
 @dataclass(frozen=True)
 class Parallel:
-    """Tensor, pipeline, expert and data parallel sizes: world = tp x pp x dp, and EP divides tp x dp."""
+    """Tensor, pipeline, expert and data parallel sizes: world = tp x pp x dp. Experts are split over TP like
+    the dense layers (Megatron's default expert-tensor-parallel size), so EP divides dp."""
 
     tp: int = 1
     pp: int = 1
@@ -35,8 +36,9 @@ class Parallel:
             raise ConfigError(f"{world_size} devices cannot be split as tensor parallel {tp} x pipeline parallel "
                               f"{pp} x data parallel: {tp} x {pp} must divide {world_size}")
         dp = world_size // (tp * pp)
-        if (tp * dp) % ep:
-            raise ConfigError(f"expert parallel {ep} must divide tensor parallel {tp} x data parallel {dp}")
+        if dp % ep:
+            raise ConfigError(f"expert parallel {ep} must divide data parallel {dp} ({world_size} devices / tensor "
+                              f"parallel {tp} / pipeline parallel {pp}): experts are also split over TP")
         return cls(tp=tp, pp=pp, ep=ep, dp=dp)
 
 
@@ -99,10 +101,16 @@ def model_options(hf: Mapping[str, Any]) -> dict[str, Any]:
         "vocab_size": int(text["vocab_size"]),
         "max_sequence_length": int(text.get("max_position_embeddings", 32768)),
         "position_embedding_type": "rope",
-        "rotary_base": int(float(text.get("rope_theta", 10000))),
+        "rotary_base": int(float(_rope_theta(text))),
         "share_embeddings_and_output_weights": bool(hf.get("tie_word_embeddings",
                                                            text.get("tie_word_embeddings", False))),
     }
+
+
+def _rope_theta(text: Mapping[str, Any]) -> float:
+    """RoPE's base: `rope_theta` at the top (transformers 4) or in `rope_parameters` (transformers 5)."""
+    nested = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    return float(text.get("rope_theta") or nested.get("rope_theta") or 10000)
 
 
 def require_megatron(device: str) -> Any:

@@ -1,0 +1,219 @@
+"""A Megatron-core GPT model holding a Hugging Face checkpoint, and the way back to Hugging Face names.
+
+    initialize(parallel)                 Megatron's parallel groups over the default process group
+    build(hf_config, parallel, ...)      this rank's GPTModel, its weights loaded from the HF state dict
+    MegatronCausalLM                     that model behind the interface the GRPO trainer and the checkpoint
+                                         code use: `model(input_ids=..., attention_mask=...).logits`,
+                                         `hf_state_dict()` (gathered over TP and EP), `save_pretrained(dir)`
+
+The layer spec is Transformer Engine's where it is installed (fused norms, sequence parallelism with TP) and
+Megatron-core's local one elsewhere: the local spec's torch norms take no sequence parallelism, so with it
+MoE layers cannot combine TP and EP (Megatron requires sequence parallelism for that) and we refuse it.
+Pipeline parallelism needs Megatron's pipeline schedule, which this wrapper does not drive: pp must be 1.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ...errors import ConfigError
+from .config import Parallel, model_options, require_megatron, transformer_config
+from .convert import Layout, Shards, hf_to_megatron, layout_from_hf, megatron_to_hf
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def has_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def initialize(parallel: Parallel, device: str = "cuda") -> None:
+    """Megatron's TP / PP / EP / DP groups over the already initialised default process group."""
+    require_megatron(device)
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        expert_model_parallel_size=parallel.ep)
+
+
+def _spec_and_layout(hf: Mapping[str, Any], parallel: Parallel, fused: bool) -> tuple[Any, Layout]:
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    layout = replace(layout_from_hf(hf), fused_norms=fused)
+    experts = layout.num_experts or None
+    if fused:
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=False, qk_layernorm=layout.qk_norm)
+    else:
+        if experts and parallel.tp > 1 and parallel.ep > 1:
+            raise ConfigError("an MoE model with tensor parallel > 1 and expert parallel > 1 needs sequence "
+                              "parallelism, which needs Transformer Engine (not installed): set one of them to 1")
+        spec = specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
+                                              qk_layernorm=layout.qk_norm, normalization="RMSNorm")
+    return spec, layout
+
+
+def build(hf: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, parallel: Parallel, *,
+          dtype: str = "float32", device: torch.device | str = "cpu") -> MegatronCausalLM:
+    """This rank's share of the model described by config.json `hf`, holding `state` (a full HF state dict)."""
+    if parallel.pp != 1:
+        raise ConfigError(f"pipeline parallel {parallel.pp}: the Megatron trainer runs pp = 1 (no pipeline "
+                          "schedule yet); use tensor or expert parallelism")
+    if dtype not in TORCH_DTYPES:
+        raise ConfigError(f"dtype {dtype!r}: one of {', '.join(TORCH_DTYPES)}")
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fused = has_transformer_engine()
+    spec, layout = _spec_and_layout(hf, parallel, fused)
+    options = transformer_config(hf, parallel, dtype=dtype)
+    options.update(
+        activation_func=torch.nn.functional.silu, params_dtype=TORCH_DTYPES[dtype],
+        sequence_parallel=parallel.tp > 1 and fused,
+        use_cpu_initialization=True, perform_initialization=state is None,  # weights come from the checkpoint
+    )
+    if torch.device(device).type == "cpu":  # the fused kernels are CUDA's
+        options.update(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+                       masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+    gpt = GPTModel(config=TransformerConfig(**options), transformer_layer_spec=spec, **model_options(hf),
+                   parallel_output=False)  # every TP rank gets the whole vocabulary's logits
+    if state is not None:
+        try:
+            shards = hf_to_megatron(state, layout, tp=parallel.tp, pp=1, ep=parallel.ep)
+        except KeyError as exc:
+            raise ConfigError(f"the checkpoint has no tensor {exc.args[0]!r}, which a {hf.get('model_type')} model "
+                              f"with this config.json has") from None
+        mine = shards[(0, parallel_state.get_tensor_model_parallel_rank(),
+                       parallel_state.get_expert_model_parallel_rank())]
+        _load_exactly(gpt, mine)
+    return MegatronCausalLM(gpt.to(device), hf, layout, parallel)
+
+
+def _load_exactly(gpt: torch.nn.Module, shard: Mapping[str, torch.Tensor]) -> None:
+    """Load a rank's shard; every parameter must be covered and every tensor used, with matching shapes."""
+    own = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(own) - set(shard)), sorted(set(shard) - set(own))
+    wrong = [f"{k} {tuple(shard[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & shard.keys()
+             if tuple(shard[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise ConfigError("the checkpoint does not fit Megatron's model: "
+                          + "; ".join(f"{what}: {', '.join(names[:4])}{' …' if len(names) > 4 else ''}"
+                                      for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                          ("shape", wrong)) if names))
+    gpt.load_state_dict(dict(shard), strict=False)  # strict would also ask for TE's _extra_state
+
+
+class _Output:
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+
+class MegatronCausalLM(torch.nn.Module):
+    """A Megatron GPTModel that reads and writes as a Hugging Face causal LM."""
+
+    def __init__(self, gpt: torch.nn.Module, hf: Mapping[str, Any], layout: Layout, parallel: Parallel):
+        super().__init__()
+        from transformers import AutoConfig
+
+        self.gpt = gpt
+        self.layout = layout
+        self.parallel = parallel
+        self.hf_config = dict(hf)
+        rest = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version")}
+        self.config = AutoConfig.for_model(str(hf["model_type"]), **rest)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> _Output:
+        """Logits [batch, seq, vocab] for right-padded rows (pads only ever follow the tokens that matter, so
+        a causal mask is the whole mask)."""
+        b, n = input_ids.shape
+        positions = torch.arange(n, device=input_ids.device).expand(b, n)
+        causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).triu(1)[None, None]  # True = hidden
+        return _Output(self.gpt(input_ids, positions, attention_mask=causal))
+
+    def finish_gradients(self) -> None:
+        """Sum over the TP ranks the gradients that each rank holds only a part of: the q/k layernorms (shared
+        by all heads, each rank sees its own heads) and, with sequence parallelism, every replicated tensor
+        (each rank sees its slice of the sequence). Megatron's finalize_model_grads does the same. Call after
+        backward, before the data-parallel reduction."""
+        if self.parallel.tp == 1:
+            return
+        from megatron.core import parallel_state
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for name, p in self.gpt.named_parameters()
+                 if p.grad is not None and (getattr(p, "sequence_parallel", False)
+                                            or "q_layernorm" in name or "k_layernorm" in name)]
+        if grads:
+            flat = _flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+            for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(summed)
+
+    # -- back to Hugging Face ---------------------------------------------------------------------------
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model under Hugging Face names, gathered from every TP and EP rank (on every rank)."""
+        return megatron_to_hf(self._gathered_shards(), self.layout)
+
+    def _gathered_shards(self) -> Shards:
+        from megatron.core import parallel_state as ps
+
+        tp, ep = self.parallel.tp, self.parallel.ep
+        own = {k: v.detach() for k, v in self.gpt.state_dict().items()
+               if not k.endswith("_extra_state") and torch.is_tensor(v)}
+        shards: Shards = {(0, t, e): {} for t in range(tp) for e in range(ep)}
+        for name, tensor in own.items():
+            expert = ".experts." in name
+            by_tp = _all_gather(tensor, ps.get_expert_tensor_parallel_group() if expert
+                                else ps.get_tensor_model_parallel_group(), tp)
+            for t, part in enumerate(by_tp):
+                by_ep = _all_gather(part, ps.get_expert_model_parallel_group(), ep) if expert else [part] * ep
+                for e, piece in enumerate(by_ep):
+                    shards[(0, t, e)][name] = piece
+        return shards
+
+    def named_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.hf_state_dict().items())
+
+    def save_pretrained(self, path: str | Path, **_: Any) -> None:
+        """config.json and model.safetensors, as a Hugging Face checkpoint (every rank gathers; rank 0 writes)."""
+        from safetensors.torch import save_file
+
+        state = self.hf_state_dict()
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.hf_config, indent=2))
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+
+
+def _all_gather(tensor: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
+    if size == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def load_megatron_lm(path: Path, parallel: Parallel, dtype: str = "float32",
+                     device: torch.device | str = "cpu") -> MegatronCausalLM:
+    """A Hugging Face checkpoint dir (config.json + safetensors) as this rank's MegatronCausalLM."""
+    from safetensors.torch import load_file
+
+    hf = json.loads((Path(path) / "config.json").read_text())
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise ConfigError(f"{path}: no *.safetensors weights to load into the Megatron trainer")
+    return build(hf, state, parallel, dtype=dtype, device=device)
