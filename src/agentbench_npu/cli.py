@@ -74,6 +74,8 @@ def cli() -> None:
 @click.option("--gates", "gates", metavar="all|none|NAME,...", help="gates to evaluate (default: all that apply)")
 @click.option("--engine", help="reference (default: in-process) | sglang (a server per engine worker, see "
               "docs/accelerators.md) | a plugin's")
+@click.option("--trainer", type=click.Choice(["torch", "megatron"]),
+              help="torch (default: a transformers model) | megatron (Megatron-core's GPT model, split per [megatron])")
 @click.option("--sandbox", help="where agent tools run code: local | docker | modal | a plugin's (default local)")
 @click.option("--inject-fault", "faults", multiple=True, metavar="NAME",
               help="break the run on purpose to prove a gate catches it (see `list`)")
@@ -86,7 +88,7 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
         seed: int | None, out: Path | None, resume: Path | None, profile: str | None, recipe: Path | None,
         overrides: tuple[str, ...], executor: str | None, ray_address: str | None, modes: tuple[str, ...],
         policy: str | None, train_devices: int | None, rollout_devices: int | None, gates: str | None,
-        engine: str | None, sandbox: str | None,
+        engine: str | None, trainer: str | None, sandbox: str | None,
         faults: tuple[str, ...], compare_to: str | None, quiet: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
@@ -108,7 +110,7 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
                                 ("run", "mode", run_mode), ("run", "policy", policy), ("run", "compare_to", compare_to),
                                 ("cluster", "train_devices", train_devices),
                                 ("cluster", "rollout_devices", rollout_devices), ("sandbox", "backend", sandbox),
-                                ("run", "engine", engine)):
+                                ("run", "engine", engine), ("run", "trainer", trainer)):
         if value is not None:
             flags.setdefault(section, {})[key] = value
     user_layers = ([load_toml(recipe)] if recipe else []) + [Layer(flags, "command-line flags"), parse_set(list(overrides))]

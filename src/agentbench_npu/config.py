@@ -25,6 +25,7 @@ class RunSection:
     seed: int = 0
     device: str = "auto"
     engine: str = "reference"
+    trainer: str = "torch"  # torch (a transformers model) | megatron (Megatron-core's GPT model: [megatron])
     deterministic: bool = True
     threads: int = 0  # torch intra-op threads; 0 = leave torch's default
     out: str = ""
@@ -134,6 +135,16 @@ class EngineSection:
 
 
 @dataclass(frozen=True)
+class MegatronSection:
+    """The Megatron trainer (run.trainer = "megatron"): how each model is split over the trainer's ranks.
+    The ranks (cluster.train_devices) are tensor parallel x pipeline parallel x data parallel."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1  # 1: the wrapper runs no pipeline schedule (yet)
+    expert_parallel: int = 1  # MoE: experts split over data-parallel ranks
+
+
+@dataclass(frozen=True)
 class SandboxSection:
     """Where agent tools run code: a sandbox backend (register_sandboxes) and the limits of every exec."""
 
@@ -179,6 +190,7 @@ class RunConfig:
     gates: GatesSection = GatesSection()
     sandbox: SandboxSection = SandboxSection()
     engine: EngineSection = EngineSection()
+    megatron: MegatronSection = MegatronSection()
     task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
 
     def train_config(self) -> TrainConfig:
@@ -209,6 +221,7 @@ SECTIONS: dict[str, type] = {
     "run": RunSection, "model": ModelSection, "rollout": RolloutSection, "warm_start": WarmStartSection,
     "data": DataSection, "checkpoint": CheckpointSection, "cluster": ClusterSection,
     "gates": GatesSection, "sandbox": SandboxSection, "engine": EngineSection,
+    "megatron": MegatronSection,
 }
 TOP_LEVEL = ("scenario", "profile", "checklist_item", "description")
 
@@ -309,11 +322,31 @@ def resolve(scenario: str, layers: list[Layer], task_defaults: Mapping[str, Any]
                      **{name: cls(**merged[name]) for name, cls in SECTIONS.items()})
 
 
+def _megatron_data_parallel(megatron: dict[str, int], ranks: int) -> int:
+    """The Megatron trainer's data-parallel size; a ConfigError when its split does not fit the ranks."""
+    tp, pp, ep = megatron["tensor_parallel"], megatron["pipeline_parallel"], megatron["expert_parallel"]
+    if pp != 1:
+        raise ConfigError(f"megatron.pipeline_parallel is {pp}: the Megatron trainer runs no pipeline schedule yet; "
+                          "use 1 and split the model with megatron.tensor_parallel / expert_parallel")
+    if ranks % tp:
+        raise ConfigError(f"megatron.tensor_parallel ({tp}) must divide cluster.train_devices ({ranks}); "
+                          f"several trainer ranks run on Ray: --executor ray --train-devices {tp}")
+    if ep != 1:
+        raise ConfigError(f"megatron.expert_parallel is {ep}: the Megatron trainer does not yet reduce expert "
+                          "gradients over expert-data-parallel groups; train with 1 (tensor parallelism splits "
+                          "the experts too)")
+    if (ranks // tp) % ep:
+        raise ConfigError(f"megatron.expert_parallel ({ep}) must divide the data-parallel size (cluster.train_devices "
+                          f"{ranks} / tensor_parallel {tp} = {ranks // tp}): experts are split over TP too")
+    return ranks // tp
+
+
 _POSITIVE = ("cluster.train_devices", "cluster.rollout_devices", "cluster.sync_bucket_mb", "run.steps", "rollout.prompts_per_step", "rollout.samples_per_prompt", "rollout.max_new_tokens",
              "train.micro_batch_size", "train.num_minibatches", "warm_start.batch_size",
              "sandbox.wall_seconds", "sandbox.cpu_seconds", "sandbox.memory_mb", "sandbox.processes",
              "sandbox.output_bytes", "sandbox.file_mb", "sandbox.slots", "engine.tp_size", "engine.ep_size",
-             "engine.launch_timeout")
+             "engine.launch_timeout",
+             "megatron.tensor_parallel", "megatron.pipeline_parallel", "megatron.expert_parallel")
 _NON_NEGATIVE = ("run.threads", "warm_start.steps", "checkpoint.every", "checkpoint.keep", "train.warmup_steps",
                  "rollout.temperature", "train.kl_coef", "train.grad_clip", "engine.mem_fraction_static", "engine.port")
 
@@ -333,7 +366,7 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
                           ("cluster.executor", ("local", "ray")), ("cluster.mode", ("colocate", "disaggregated")),
                           ("cluster.placement", ("pack", "spread")), ("rollout.batching", ("lockstep", "free")),
                           ("sandbox.isolation", ("auto", "namespaces", "rlimits")),
-                          ("engine.launcher", ("sglang", "agentbench"))):
+                          ("engine.launcher", ("sglang", "agentbench")), ("run.trainer", ("torch", "megatron"))):
         if get(path) not in choices:
             raise ConfigError(f"{path} must be one of {', '.join(choices)}; got '{get(path)}'")
     if get("engine.url") and merged["cluster"]["rollout_devices"] != 1:
@@ -367,6 +400,10 @@ def _check_values(merged: dict[str, dict[str, Any]]) -> None:
                           "so small updates would round away; train in float32 and serve in half precision with "
                           "model.engine_dtype=bfloat16")
     prompts, ranks = get("rollout.prompts_per_step"), get("cluster.train_devices")
+    if get("run.trainer") == "megatron":
+        ranks = _megatron_data_parallel(merged["megatron"], ranks)
     if prompts % ranks:
-        raise ConfigError(f"rollout.prompts_per_step ({prompts}) must be a multiple of cluster.train_devices ({ranks}): "
+        what = ("the Megatron trainer's data-parallel size" if get("run.trainer") == "megatron"
+                else "cluster.train_devices")
+        raise ConfigError(f"rollout.prompts_per_step ({prompts}) must be a multiple of {what} ({ranks}): "
                           "each trainer rank takes whole prompt groups")

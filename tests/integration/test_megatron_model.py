@@ -3,7 +3,8 @@
 What the name mapping (convert.py) claims is checked where it matters: Megatron-core's own GPTModel takes every
 tensor with no name or shape left over, computes the logits transformers computes from the same checkpoint, and
 gives the checkpoint back bit for bit, on one rank and split over tensor or expert parallel ranks; a training
-step through it moves the weights as the same step does in transformers.
+step through it (gradients summed where TP ranks hold partial ones, the norm taken over all shards) moves the
+weights as the same step does in transformers.
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ def logits_and_export(rank: int, name: str, tp: int, ep: int, world: int) -> tup
     return logits, model.hf_state_dict()
 
 
-def one_sgd_step(rank: int, name: str, tp: int, world: int) -> dict:
+def one_sgd_step(rank: int, name: str, tp: int, world: int) -> tuple[dict, float]:
     model = _megatron(name, tp, 1, world).train()
     _loss(model(input_ids=TOKENS).logits).backward()
     model.finish_gradients()
+    norm = float(model.clip_grad_norm_(1e9))  # the whole model's gradient norm (nothing is scaled at 1e9)
     with torch.no_grad():
         for p in model.parameters():
             p -= 0.5 * p.grad
-    return model.hf_state_dict()
+    return model.hf_state_dict(), norm
 
 
 def _loss(logits: torch.Tensor) -> torch.Tensor:
@@ -76,11 +78,14 @@ def test_megatron_computes_the_logits_transformers_does_and_gives_the_checkpoint
 def test_a_gradient_step_through_megatron_moves_the_weights_as_in_transformers(tp):
     hf_model, _ = _reference("tiny")
     _loss(hf_model(TOKENS).logits).backward()
+    hf_norm = float(torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1e9))
     with torch.no_grad():
         for p in hf_model.parameters():
             p -= 0.5 * p.grad
     expected = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
-    for rank, stepped in enumerate(spawn_ranks(tp, one_sgd_step, "tiny", tp, tp)):
+    for rank, (stepped, norm) in enumerate(spawn_ranks(tp, one_sgd_step, "tiny", tp, tp)):
+        # each TP rank counts its shards and the replicated tensors once: the same norm as the unsplit model
+        assert norm == pytest.approx(hf_norm, rel=1e-5), f"rank {rank}"
         assert set(stepped) == set(expected)
         worst = max((stepped[k] - v).abs().max().item() for k, v in expected.items())
         assert worst < 1e-5, f"rank {rank}: weights differ by {worst}"

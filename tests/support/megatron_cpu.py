@@ -1,39 +1,19 @@
-"""Run megatron-core's GPT model on the CPU, for tests: gloo groups and two CUDA-only calls pointed elsewhere.
+"""Megatron ranks on the CPU for tests: `fn` in N spawned processes joined by a gloo group.
 
-megatron-core targets CUDA and hard-codes it in two places a dense or MoE forward reaches (0.12):
-- RotaryEmbedding.forward moves `inv_freq` to `torch.cuda.current_device()`;
-- DotProductAttention forks the CUDA RNG tracker around attention dropout (dropout is 0 in our configs).
-Here `torch.cuda.current_device` answers "cpu" and the tracker's fork is a no-op, for the duration of a test.
-The product never does this: on cuda and npu Megatron runs unpatched (tests/device/ runs it there).
+Each process points megatron-core's CUDA-only calls at the CPU as the Megatron trainer does on the CPU
+(training/megatron/backend.run_on_cpu); on cuda and npu nothing is patched.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 from typing import Any, Callable
 
 import torch
 
+from agentbench_npu.training.megatron.backend import run_on_cpu
 from tests.support.servers import free_port
-
-
-@contextlib.contextmanager
-def megatron_on_cpu():
-    import megatron.core.tensor_parallel as tensor_parallel
-
-    class _NoFork:
-        def fork(self, name: str = "") -> contextlib.AbstractContextManager:
-            return contextlib.nullcontext()
-
-    saved = torch.cuda.current_device, tensor_parallel.get_cuda_rng_tracker
-    torch.cuda.current_device = lambda: "cpu"
-    tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: _NoFork()
-    try:
-        yield
-    finally:
-        torch.cuda.current_device, tensor_parallel.get_cuda_rng_tracker = saved
 
 
 def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
@@ -43,8 +23,8 @@ def _rank_main(rank: int, world: int, port: int, fn: Callable[..., Any], args: t
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        with megatron_on_cpu():
-            result: Any = fn(rank, *args)
+        run_on_cpu()
+        result: Any = fn(rank, *args)
     except BaseException as exc:  # the parent re-raises it with the rank named
         result = exc
     buffer = io.BytesIO()  # as bytes: tensors sent as shared memory would vanish with this process

@@ -551,9 +551,17 @@ def test_moe_faults_bite_only_moe_models_and_corrupt_routing_only_with_replay():
         config(model={"name": "tiny-moe"}, train={"routing_replay": True})) is None
 
 
+def test_the_tp_norm_gradient_fault_bites_only_the_megatron_trainer_split_over_ranks():
+    assert "megatron.tensor_parallel=2" in fault("unsummed-tp-norm-grads").cannot_bite(config())
+    assert "megatron.tensor_parallel=2" in fault("unsummed-tp-norm-grads").cannot_bite(config(run={"trainer": "megatron"}))
+    assert fault("unsummed-tp-norm-grads").cannot_bite(config(
+        run={"trainer": "megatron"}, megatron={"tensor_parallel": 2},
+        cluster={"executor": "ray", "train_devices": 2}, rollout={"prompts_per_step": 8})) is None
+
+
 @pytest.mark.parametrize("fault", [f for f in FAULTS if f.name not in
                                    ("logprob-temperature", "skip-rng-restore", "rank-divergence", "corrupt-routing",
-                                    "nan-expert")],
+                                    "nan-expert", "unsummed-tp-norm-grads")],
                          ids=lambda f: f.name)
 def test_other_faults_can_bite_a_default_run(fault):
     assert fault.cannot_bite(config()) is None

@@ -63,9 +63,10 @@ class LocalCluster(Cluster):
         """Drop the models and optimizer so that the gates' own runs get the device memory back."""
         import gc
 
-        worker = self.__dict__.get("engine_worker")
-        if worker is not None:
-            worker.close()
+        for role in ("engine_worker", "trainer"):
+            worker = self.__dict__.get(role)
+            if worker is not None:
+                worker.close()
         for name in ("trainer", "engine_worker", "engine"):
             self.__dict__.pop(name, None)
         gc.collect()
@@ -76,4 +77,4 @@ class LocalCluster(Cluster):
     def describe(self) -> dict[str, Any]:
         engine = self.engine_factory.name
         return {"executor": "local", "mode": "colocate", "train_ranks": 1, "engines": 1, "engine": engine,
-                "sync": getattr(self.engine_factory, "colocated_transport", "colocate")}
+                "sync": getattr(self.engine_factory, "colocated_transport", "colocate"), **self.trainer.describe()}

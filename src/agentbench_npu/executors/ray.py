@@ -176,9 +176,11 @@ class RayCluster(Cluster):
         self._get([e.setup.remote(self.engine_factory) for e in self.engines], "engine setup")
         self._version = int(states[0].get("weight_version", 0))
         self._get([e.set_weight_version.remote(self._version) for e in self.engines], "engine setup")
+        self._data_ranks = self._get([t.data_shard.remote() for t in self.trainers], "trainer setup")
+        specs = self._with_peers(self.trainers[0].weight_specs.remote(), "trainer rank 0")
+        # a free port picked just before use: collectives between the pick and the listen may take it
         host, port = self._get(self.trainers[0].node_address.remote(), "trainer rank 0")
         world = 1 + len(self.engines)
-        specs = self._get(self.trainers[0].weight_specs.remote(), "trainer rank 0")
         self._get([self.trainers[0].join_update_group.remote(host, port, world)] +
                   [e.join_update_group.remote(host, port, i + 1, world, specs, self._bucket_bytes())
                    for i, e in enumerate(self.engines)],
@@ -201,7 +203,8 @@ class RayCluster(Cluster):
 
     # -- the step --------------------------------------------------------------------------------
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
-        shards = shard_by_group(trajs, len(self.trainers))
+        shards = shard_by_group(trajs, 1 + max(self._data_ranks))
+        shards = [shards[d] for d in self._data_ranks]  # the TP ranks of one model replica train on one shard
         # colocated server engines (SGLang) give their devices' memory to the trainers for the step
         release = (self.config.cluster.mode == "colocate" and self.config.engine.release_memory
                    and getattr(self.engine_factory, "colocated_release", False))
@@ -222,8 +225,9 @@ class RayCluster(Cluster):
     def sync_weights(self) -> SyncResult:
         bucket = self._bucket_bytes()
         dtype = self.config.model.engine_dtype or self.config.model.dtype
-        sent, *received = self._get([self.trainers[0].send_weights.remote(bucket, dtype)] +
+        sent, *received = self._get([self.trainers[0].send_weights.remote(bucket, dtype)] + self._peers_gather() +
                                     [e.receive_weights.remote() for e in self.engines], "the weight sync")
+        received = received[len(self._peers()):]
         sums = {r["checksum"] for r in received}
         self._version = received[0]["version"]
         return SyncResult(
@@ -235,13 +239,29 @@ class RayCluster(Cluster):
         )
 
     def trainer_logprobs(self, trajs: Sequence[Trajectory]) -> list[list[float]]:
-        return self._get(self.trainers[0].logprobs_for.remote(list(trajs)), "a log-prob recompute")
+        trajs = list(trajs)  # a model split over ranks computes together: every rank of replica 0 runs the forward
+        return self._get([t.logprobs_for.remote(trajs) for t in [self.trainers[0], *self._peers()]],
+                         "a log-prob recompute")[0]
 
     def save_checkpoint(self, path: str, state: dict[str, Any]) -> None:
         rngs = self._get([t.rng_state.remote() for t in self.trainers], "a checkpoint")
-        self._get(self.trainers[0].save_checkpoint.remote(
+        self._get([t.save_trainer_shard.remote(path) for t in self._peers()], "a checkpoint")  # their optimizer parts
+        self._with_peers(self.trainers[0].save_checkpoint.remote(
             path, state, {"ranks": {str(r): s for r, s in enumerate(rngs)}}),
             "a checkpoint")
+
+    # -- a model split over ranks (Megatron's TP) ------------------------------------------------------------
+    def _peers(self) -> list[Any]:
+        """The other ranks holding a part of trainer rank 0's model: they join every gather of its weights."""
+        c = self.config
+        return self.trainers[1:c.megatron.tensor_parallel] if c.run.trainer == "megatron" else []
+
+    def _peers_gather(self) -> list[Any]:
+        return [t.gather_weights.remote() for t in self._peers()]
+
+    def _with_peers(self, ref: Any, what: str) -> Any:
+        """Rank 0's call that gathers the weights, with its peers taking part; rank 0's result."""
+        return self._get([ref, *self._peers_gather()], what)[0]
 
     @property
     def weight_version(self) -> int:
@@ -253,7 +273,8 @@ class RayCluster(Cluster):
         nodes = {n["NodeID"] for n in ray.nodes() if n.get("Alive")} if ray.is_initialized() else set()
         return {"executor": "ray", "mode": c.mode, "train_ranks": c.train_devices, "engines": c.rollout_devices,
                 "placement": c.placement, "cluster_nodes": len(nodes), "ray_address": c.ray_address or "local",
-                "sync": "distributed (gloo)", "actor_nodes": self._actor_nodes}
+                "sync": "distributed (gloo)", "actor_nodes": self._actor_nodes,
+                **self._get(self.trainers[0].describe.remote(), "trainer rank 0")}
 
     def shutdown(self) -> None:
         ray = _ray()

@@ -20,9 +20,11 @@ from ..config import RunConfig
 from ..devices import Device
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..models.moe import model_dir_is_moe
+from ..sync.base import named_weights
 from ..sync.checksum import weights_checksum
 from ..sync.distributed import BucketBuffers, receive_weights, send_weights, weight_specs
-from ..training.checkpoint import load_checkpoint, optimizer_checksum, save_checkpoint
+from ..training.checkpoint import (load_checkpoint, load_trainer_shard, optimizer_checksum, save_checkpoint,
+                                   save_trainer_shard)
 from ..training.trainer import Trainer
 from ..types import GenerateRequest, GenerateResult, Trajectory
 
@@ -59,6 +61,8 @@ class TrainWorker:
         self.config = spec.config
         self.device = spec.device
         self.rank = spec.rank
+        self.data_rank = spec.rank  # which data shard it trains on (Megatron: TP ranks of a replica share one)
+        self.tp_rank = 0  # its part of a model split by tensor parallelism
         self.resumed = bool(spec.resume_from)
         self._update_group: Any = None
         self._buffers: BucketBuffers | None = None
@@ -77,16 +81,26 @@ class TrainWorker:
             group = dist.group.WORLD
         model_dir = Path(self.spec.resume_from) / "model" if self.resumed else Path(self.spec.model_dir)
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_causal_lm(model_dir, c.model.dtype, torch_device, c.model.attn_implementation)
         reference = None
-        if c.train.get("kl_coef", 0.0) > 0:  # the KL anchor is the run's initial policy, also after a resume
-            reference = load_causal_lm(Path(self.spec.model_dir), c.model.dtype, torch_device, c.model.attn_implementation)
+        if c.run.trainer == "megatron":
+            from ..training.megatron import backend as megatron
+
+            self.model, group, parallel = megatron.start(c, self.device.name, self.device.dist_backend, torch_device,
+                                                         model_dir, self.spec.world_size)
+            self.data_rank, self.tp_rank = megatron.data_rank(parallel), megatron.tp_rank(parallel)
+            if c.train.get("kl_coef", 0.0) > 0:
+                reference = megatron.load_megatron_lm(Path(self.spec.model_dir), parallel, c.model.dtype, torch_device)
+        else:
+            self.model = load_causal_lm(model_dir, c.model.dtype, torch_device, c.model.attn_implementation)
+            if c.train.get("kl_coef", 0.0) > 0:  # the KL anchor is the run's initial policy, also after a resume
+                reference = load_causal_lm(Path(self.spec.model_dir), c.model.dtype, torch_device,
+                                           c.model.attn_implementation)
         self.trainer = Trainer(self.model, c.train_config(), torch_device, self.tokenizer.pad_token_id,
                                process_group=group, reference=reference)
         state: dict[str, Any] = {}
         if self.resumed:
             checkpoint = load_checkpoint(Path(self.spec.resume_from))
-            self.trainer.load_state_dict(checkpoint.trainer)
+            self.trainer.load_state_dict(load_trainer_shard(checkpoint, self.tp_rank))
             rng = checkpoint.rng.get("ranks", {}).get(str(self.rank), checkpoint.rng)
             self.device.set_rng_state(rng)
             state = checkpoint.state
@@ -108,16 +122,42 @@ class TrainWorker:
         return weights_checksum(self.named_weights())
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
-        return [(n, p.detach()) for n, p in self.model.named_parameters()]
+        return named_weights(self.model)
 
     def rng_state(self) -> dict[str, Any]:
         return self.device.rng_state()
 
+    def describe(self) -> dict[str, Any]:
+        """Which trainer holds the model, and how it is split (for the report)."""
+        parallel = getattr(self.model, "parallel", None)
+        return {"trainer": self.config.run.trainer, "trainer_model": type(getattr(self.model, "gpt", self.model)).__name__,
+                **({"trainer_parallel": dataclasses.asdict(parallel)} if parallel is not None else {})}
+
+    def close(self) -> None:
+        """Leave the process groups the Megatron backend joined (the torch trainer's go with the process)."""
+        if self.config.run.trainer == "megatron" and "model" in self.__dict__:
+            from ..training.megatron import backend as megatron
+
+            megatron.stop()
+
     def save_checkpoint(self, path: str, state: dict[str, Any], rng: dict[str, Any]) -> None:
+        named = self.named_weights()  # (gathered once: a split model's other ranks call gather_weights meanwhile)
         save_checkpoint(Path(path), model=self.model, tokenizer=self.tokenizer,
                         trainer_state=self.trainer.state_dict(), rng_state=rng,
-                        state={**state, "weights_checksum": self.checksum(),
-                               "optimizer_checksum": optimizer_checksum(self.trainer.optimizer)})
+                        state={**state, "weights_checksum": weights_checksum(named),
+                               "optimizer_checksum": optimizer_checksum(self.trainer.optimizer)},
+                        weights=dict(named) if hasattr(self.model, "named_hf_weights") else None)
+
+    def save_trainer_shard(self, path: str) -> None:
+        """A tensor-parallel rank's optimizer state, left beside the checkpoint rank 0 is about to write."""
+        save_trainer_shard(Path(path), self.tp_rank, self.trainer.state_dict())
+
+    def gather_weights(self) -> None:
+        """Take part in gathering a split model's weights (rank 0 syncs or saves them)."""
+        self.named_weights()
+
+    def data_shard(self) -> int:
+        return self.data_rank
 
     # -- distributed weight sync (rank 0 sends) -------------------------------------------------
     def weight_specs(self) -> list[tuple[str, tuple, str]]:

@@ -127,6 +127,18 @@ def _needs_ranks(config: RunConfig) -> str | None:
     return None if n >= 2 else f"cluster.train_devices is {n}; it needs at least 2 data-parallel ranks"
 
 
+def _unsummed_tp_norm_grads(worker: Any) -> None:
+    """Tensor-parallel ranks step their q/k-norm weights with the gradient of their own heads only (the sum over
+    ranks that Megatron's loop does is skipped): the ranks' copies of those weights drift apart."""
+    worker.model.finish_gradients = lambda: None
+
+
+def _needs_tensor_parallel(config: RunConfig) -> str | None:
+    if config.run.trainer == "megatron" and config.megatron.tensor_parallel > 1:
+        return None
+    return "it breaks the Megatron trainer's tensor parallelism; use --trainer megatron with megatron.tensor_parallel=2"
+
+
 def _shuffled_data_order(runner: Any) -> None:
     """Each step reads its tasks from a place in the data chosen by an unseeded RNG (a data loader that
     shuffles without the run's seed); the cursor still advances as if nothing were wrong."""
@@ -209,6 +221,10 @@ FAULTS = (
     Fault("rank-divergence", "one trainer rank steps with its local gradients instead of the all-reduced ones",
           "ranks", "trainer", _rank_divergence, also_affects=("logprob_alignment", "weight_sync"),
           cannot_bite=_needs_ranks),
+    # the engine gets rank 0's q/k norms, the trainer computes each rank's heads with that rank's own
+    Fault("unsummed-tp-norm-grads", "tensor-parallel ranks skip summing their q/k-norm gradients", "weight_sync",
+          "trainer", _unsummed_tp_norm_grads, also_affects=("logprob_alignment", "checkpoint_continuity"),
+          cannot_bite=_needs_tensor_parallel),
     # the probe's trainer log-probs replay the same corrupted routes, so the sync probe disagrees too
     Fault("corrupt-routing", "routing replay shifts every recorded expert id by one", "logprob_alignment", "trainer",
           _corrupt_routing, also_affects=("weight_sync",), cannot_bite=_needs_replay),

@@ -11,6 +11,15 @@ import torch
 from .checksum import weights_checksum
 
 
+def named_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """A trainer's weights under Hugging Face names, whole: a transformers model's parameters, or what a model
+    split over ranks gathers (Megatron's `named_hf_weights`; every rank of it must call this together)."""
+    gather = getattr(model, "named_hf_weights", None)
+    if gather is not None:
+        return gather()
+    return [(name, param.detach()) for name, param in model.named_parameters()]
+
+
 @dataclass(frozen=True)
 class SyncResult:
     transport: str
@@ -41,13 +50,12 @@ class ColocateSync:
     def push(self, model: torch.nn.Module, engine: Any) -> SyncResult:
         start = time.perf_counter()
         if hasattr(engine, "cast_for_update"):  # a server engine: it says what it holds (dtype, host memory)
-            named = engine.cast_for_update(model.named_parameters())
+            named = engine.cast_for_update(named_weights(model))
         else:
             engine_params = dict(engine.named_weights())
             named = []
-            for name, param in model.named_parameters():
+            for name, tensor in named_weights(model):
                 target = engine_params.get(name)
-                tensor = param.detach()
                 if target is not None:
                     tensor = tensor.to(device=target.device, dtype=target.dtype)
                 named.append((name, tensor))

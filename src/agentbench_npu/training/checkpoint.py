@@ -61,9 +61,18 @@ class Checkpoint:
 
 
 def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, trainer_state: dict[str, Any],
-                    rng_state: dict[str, Any], state: dict[str, Any]) -> Path:
+                    rng_state: dict[str, Any], state: dict[str, Any],
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """`weights`: the model's Hugging Face state dict when the caller already gathered it (a split model).
+    The other tensor-parallel ranks' optimizer states, written beside `path` (shard_path), move in with it."""
+    shards = sorted(path.parent.glob(f".{path.name}.trainer-tp*.pt"))
     with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
+        for shard in shards:
+            shard.replace(tmp / shard.name.split(".", 2)[-1])  # → trainer-tpN.pt
+        if weights is None:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+        else:
+            model.save_pretrained(tmp / "model", state_dict=weights)
         tokenizer.save_pretrained(tmp / "model")
         torch.save(trainer_state, tmp / "trainer.pt")
         torch.save(rng_state, tmp / "rng.pt")
@@ -72,6 +81,30 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, train
         manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return path
+
+
+def shard_path(path: Path, tp_rank: int) -> Path:
+    """Where tensor-parallel rank `tp_rank` (> 0) leaves its optimizer state for the checkpoint `path`."""
+    return path.parent / f".{path.name}.trainer-tp{tp_rank}.pt"
+
+
+def save_trainer_shard(path: Path, tp_rank: int, trainer_state: dict[str, Any]) -> None:
+    target = shard_path(path, tp_rank)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    torch.save(trainer_state, partial)
+    partial.replace(target)
+
+
+def load_trainer_shard(checkpoint: Checkpoint, tp_rank: int) -> dict[str, Any]:
+    """Tensor-parallel rank `tp_rank`'s optimizer state (rank 0's is `checkpoint.trainer`)."""
+    if tp_rank == 0:
+        return checkpoint.trainer
+    file = checkpoint.path / f"trainer-tp{tp_rank}.pt"
+    if not file.is_file():
+        raise UserError(f"checkpoint '{checkpoint.path}' holds no optimizer state for tensor-parallel rank {tp_rank}: "
+                        "resume with the tensor-parallel size it was saved with")
+    return torch.load(file, map_location="cpu", weights_only=False)  # listed in the verified manifest
 
 
 def step_of(path: Path) -> int:

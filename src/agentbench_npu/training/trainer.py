@@ -314,8 +314,13 @@ class Trainer:
                 stats["entropy"] += float((entropy.detach() * m).sum()) / mb_tokens
                 stats["ppo_kl"] += float(((old - logp.detach()) * m).sum()) / mb_tokens
                 stats["clip_fraction"] += float((clipped * m).sum()) / mb_tokens
+            finish = getattr(self.model, "finish_gradients", None)  # a model split over ranks (Megatron's TP)
+            if finish is not None:
+                finish()
             self._reduce_gradients()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            clip = getattr(self.model, "clip_grad_norm_", None)  # ... whose norm sums over its shards
+            grad_norm = (clip(c.grad_clip) if clip is not None
+                         else torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
             if torch.isfinite(grad_norm):  # the norm is of the all-reduced gradients: every rank decides alike
                 self.optimizer.step()
             else:  # a NaN/Inf gradient would poison every weight it touches: skip, and say so

@@ -33,16 +33,18 @@ def has_transformer_engine() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def initialize(parallel: Parallel, device: str = "cuda") -> None:
+def initialize(parallel: Parallel, device: str = "cuda", seed: int = 0) -> None:
     """Megatron's TP / PP / EP / DP groups over the already initialised default process group."""
     require_megatron(device)
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep)
+    if device != "cpu":  # the RNG streams Megatron's on-device initialisation forks (its weights are overwritten)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def _spec_and_layout(hf: Mapping[str, Any], parallel: Parallel, fused: bool) -> tuple[Any, Layout]:
@@ -80,7 +82,9 @@ def build(hf: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, paral
     options.update(
         activation_func=torch.nn.functional.silu, params_dtype=TORCH_DTYPES[dtype],
         sequence_parallel=parallel.tp > 1 and fused,
-        use_cpu_initialization=True, perform_initialization=state is None,  # weights come from the checkpoint
+        # initialised and then overwritten by the checkpoint: Megatron marks which tensors TP splits only while
+        # initialising them, and the gradient norm and the optimizer read those marks
+        use_cpu_initialization=torch.device(device).type == "cpu", perform_initialization=True,
     )
     if torch.device(device).type == "cpu":  # the fused kernels are CUDA's
         options.update(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
@@ -159,6 +163,25 @@ class MegatronCausalLM(torch.nn.Module):
             for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 grad.copy_(summed)
 
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so that the whole model's norm is at most `max_norm`; returns the norm before.
+        Each TP rank counts its shards and, once over the ranks, the tensors they all hold."""
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+        grads = [p.grad for p in self.gpt.parameters() if p.grad is not None]
+        counted = [p.grad for p in self.gpt.parameters()
+                   if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+        square = sum((g.detach().float().pow(2).sum() for g in counted), torch.zeros((), device=grads[0].device))
+        if self.parallel.tp > 1:
+            torch.distributed.all_reduce(square, group=parallel_state.get_tensor_model_parallel_group())
+        norm = square.sqrt()
+        scale = max_norm / (norm + 1e-6)
+        if torch.isfinite(norm) and scale < 1:
+            for g in grads:
+                g.mul_(scale.to(g.dtype))
+        return norm
+
     # -- back to Hugging Face ---------------------------------------------------------------------------
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model under Hugging Face names, gathered from every TP and EP rank (on every rank)."""
@@ -184,12 +207,14 @@ class MegatronCausalLM(torch.nn.Module):
     def named_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         return list(self.hf_state_dict().items())
 
-    def save_pretrained(self, path: str | Path, **_: Any) -> None:
-        """config.json and model.safetensors, as a Hugging Face checkpoint (every rank gathers; rank 0 writes)."""
+    def save_pretrained(self, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None,
+                        **_: Any) -> None:
+        """config.json and model.safetensors, as a Hugging Face checkpoint. Without `state_dict` every rank of
+        the model gathers it, and the first writes."""
         from safetensors.torch import save_file
 
-        state = self.hf_state_dict()
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        state = self.hf_state_dict() if state_dict is None else state_dict
+        if state_dict is None and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
