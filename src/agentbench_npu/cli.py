@@ -256,8 +256,9 @@ EXECUTORS = {
     "ray": "trainer ranks and engines as Ray actors (colocate or disaggregated, one node or many), "
            "weights broadcast over a gloo process group",
 }
-PARALLELISM = ("data parallel over trainer ranks (torch.distributed: gloo / nccl / hccl). Tensor, pipeline and "
-               "expert parallelism (TP / PP / EP) need the Megatron backend, which is not built yet.")
+PARALLELISM = ("data parallel over trainer ranks (torch.distributed: gloo / nccl / hccl); tensor parallel with "
+               "--trainer megatron (megatron.tensor_parallel). Pipeline parallelism and training with expert "
+               "parallelism are not built yet.")
 
 
 def _compact(value: Any) -> str:
