@@ -17,7 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import resolve
-from .recipes import Layer, load_toml, parse_set, profile_layer, split_profiles
+from .recipes import Layer, load_toml, model_layers, parse_set, profile_layer, split_profiles
 from .errors import UserError, one_line
 from .gates.base import SECOND_RUN_ENV
 from .plugins import KINDS, Plugins, load_plugins
@@ -82,6 +82,7 @@ def cli() -> None:
 @click.option("--compare-to", metavar="baseline|PATH",
               help="diff the run against the matching archived baseline, or a run dir: the `baseline` gate")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars")
+@click.option("--dry-run", is_flag=True, help="resolve the recipe and check the memory plan; print both, start nothing")
 @click.pass_context
 def run(ctx: click.Context, scenario: str, device: str | None, model: str | None, engine_dtype: str | None,
         steps: int | None,
@@ -89,7 +90,7 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
         overrides: tuple[str, ...], executor: str | None, ray_address: str | None, modes: tuple[str, ...],
         policy: str | None, train_devices: int | None, rollout_devices: int | None, gates: str | None,
         engine: str | None, trainer: str | None, sandbox: str | None,
-        faults: tuple[str, ...], compare_to: str | None, quiet: bool) -> None:
+        faults: tuple[str, ...], compare_to: str | None, quiet: bool, dry_run: bool) -> None:
     """Run SCENARIO: rollout, reward, training step and weight sync per step; then gates and a report.
 
     Exit status: 0 passed, 1 a gate failed, 2 error.
@@ -114,14 +115,24 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
         if value is not None:
             flags.setdefault(section, {})[key] = value
     user_layers = ([load_toml(recipe)] if recipe else []) + [Layer(flags, "command-line flags"), parse_set(list(overrides))]
-    chosen_profile = profile or _default_profile(layers + user_layers)
+    from .models.tiny import is_tiny
+
+    model_name = _model_name(layers + user_layers)
+    chosen_profile = profile or ("tiny" if is_tiny(model_name) else "")
     if chosen_profile:
         layers.append(profile_layer(chosen_profile))
         if chosen_profile in per_profile:
             layers.append(per_profile[chosen_profile])
+    layers += model_layers(model_name, chosen_profile)
     task_defaults = dict(layers[0].values.get("task", {}))
     config = resolve(entry.name, layers + user_layers, task_defaults)
     config = dataclasses.replace(config, profile=chosen_profile or "")
+    if dry_run:
+        from .plan import describe
+
+        for line in describe(config, model_name):
+            out_console.print(escape(line), highlight=False)
+        ctx.exit(EXIT_OK)
 
     out_dir = out or (Path(config.run.out) if config.run.out else _default_out(entry.name, resume))
     if out_dir.exists() and not resume and any(out_dir.iterdir()):
@@ -169,15 +180,13 @@ def _split_modes(modes: tuple[str, ...]) -> tuple[str | None, str | None]:
     return chosen.get("run"), chosen.get("cluster")
 
 
-def _default_profile(layers: list[Layer]) -> str:
-    from .models.tiny import is_tiny
-
+def _model_name(layers: list[Layer]) -> str:
     model = "tiny"
     for layer in layers:
         value = layer.values.get("model", {}).get("name")
         if value is not None:
             model = str(value)
-    return "tiny" if is_tiny(model) else ""
+    return model
 
 
 def _default_out(scenario: str, resume: Path | None) -> Path:

@@ -6,6 +6,7 @@ merges layers over the typed defaults.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -108,6 +109,40 @@ def split_profiles(layer: Layer) -> tuple[Layer, dict[str, Layer]]:
         raise ConfigError(f"{layer.source}: 'profiles' must hold tables like [profiles.tiny.warm_start]")
     return (Layer(values, layer.source, layer.text),
             {name: Layer(body, f"{layer.source} [profiles.{name}]", "") for name, body in profiles.items()})
+
+
+def model_recipe(hf: Mapping[str, Any]) -> tuple[str, Layer] | None:
+    """The recipe in scenarios/models/ whose `[match]` keys all equal config.json's (a VL model's text_config's),
+    as (its name, its layer with `[match]` left out); None when no recipe knows the model."""
+    text = hf.get("text_config") or hf
+    folder = resources.files("agentbench_npu.scenarios").joinpath("models")
+    for ref in sorted((p for p in folder.iterdir() if p.name.endswith(".toml")), key=lambda p: p.name):
+        layer = packaged_recipe(f"models/{ref.name}")
+        assert layer is not None
+        values = dict(layer.values)
+        match = values.pop("match", {})
+        if match and all(text.get(k, hf.get(k)) == v for k, v in match.items()):
+            return ref.name[:-5], Layer(values, layer.source, layer.text)
+    return None
+
+
+def model_layers(model: str, profile: str) -> list[Layer]:
+    """For a checkpoint dir whose config.json a recipe in scenarios/models/ knows: that recipe, its
+    `[profiles.PROFILE]` tables, and `model.recipe` naming it (to go after the profile, before the user's layers)."""
+    config_json = Path(model).expanduser() / "config.json"
+    if not config_json.is_file():  # a tiny model's name, or a path resolve_model_dir will report
+        return []
+    try:
+        hf = json.loads(config_json.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{config_json}: unreadable config.json ({exc})") from exc
+    found = model_recipe(hf)
+    if found is None:
+        return []
+    name, layer = found
+    own, per_profile = split_profiles(layer)
+    return [own, *([per_profile[profile]] if profile in per_profile else []),
+            Layer({"model": {"recipe": name}}, f"scenarios/models/{name}.toml")]
 
 
 def parse_set(items: list[str]) -> Layer:

@@ -121,10 +121,6 @@ class Runner:
         if c.train.get("routing_replay") and not model_dir_is_moe(self.base_model_dir):
             raise UserError(f"train.routing_replay replays routed experts, and model '{c.model.name}' is dense (its "
                             "config.json names no experts); use a mixture-of-experts model, e.g. --model tiny-moe")
-        if c.run.trainer == "megatron":
-            from .training.megatron.backend import preflight as megatron_preflight
-
-            megatron_preflight(c, self.device.name, self.base_model_dir, c.cluster.train_devices)
         gates = {name: r.obj for name, r in self.plugins.items("gate").items()}
         self.gates = select_gates(gates, c)
         if (c.run.compare_to and not os.environ.get(SECOND_RUN_ENV)
@@ -135,7 +131,7 @@ class Runner:
             if hasattr(gate, "check"):  # bad input a gate can see now rather than after the run
                 gate.check(c)
         self.thresholds = thresholds_for(self.device.name, c)
-        preflight(c)
+        preflight(c, self.device.name, self.base_model_dir)
         self.faults = selected_faults(c, lambda name: self.plugins.get("fault", name).obj, gates,
                                       judged=bool(self.gates))
 

@@ -113,7 +113,7 @@ def test_sampling_keys_are_not_train_keys_because_rollout_owns_them():
 def test_an_unknown_section_lists_the_valid_sections():
     message = config_error(parse_set(["trian.lr=1"]))
     assert "unknown section 'trian'" in message and "did you mean: train" in message
-    assert "valid sections: checkpoint, cluster, data, engine, gates, megatron, model, rollout, run, sandbox, task, train, warm_start" in message
+    assert "valid sections: checkpoint, cluster, data, engine, gates, hardware, megatron, model, rollout, run, sandbox, task, train, warm_start" in message
 
 
 def test_an_unknown_task_option_is_an_unknown_key():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import RunConfig
@@ -53,8 +55,17 @@ class Cluster(ABC):
         """Stop the workers."""
 
 
-def preflight(config: RunConfig) -> None:
-    """Checks that need no workers: the executor's stack is installed and its cluster reachable."""
+def preflight(config: RunConfig, device_name: str, model_dir: Path) -> None:
+    """Checks that need no workers: the run fits the profile's devices (plan.py), the trainer backend's stack
+    and split, the executor's stack installed and its cluster reachable."""
+    if config.hardware.memory_gib:
+        from ..plan import check
+
+        check(config, json.loads((model_dir / "config.json").read_text()), config.profile)
+    if config.run.trainer == "megatron":
+        from ..training.megatron.backend import preflight as megatron_preflight
+
+        megatron_preflight(config, device_name, model_dir, config.cluster.train_devices)
     if config.cluster.executor == "ray":
         from .ray import _ray, check_reachable
 
