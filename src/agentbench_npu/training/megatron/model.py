@@ -86,7 +86,7 @@ def build(hf: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, paral
         # initialising them, and the gradient norm and the optimizer read those marks
         use_cpu_initialization=torch.device(device).type == "cpu", perform_initialization=True,
     )
-    if torch.device(device).type == "cpu":  # the fused kernels are CUDA's
+    if torch.device(device).type == "cpu" or not fused:  # the fused kernels are CUDA's, from TE or apex
         options.update(bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
                        masked_softmax_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
     gpt = GPTModel(config=TransformerConfig(**options), transformer_layer_spec=spec, **model_options(hf),
