@@ -123,7 +123,8 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
         layers.append(profile_layer(chosen_profile))
         if chosen_profile in per_profile:
             layers.append(per_profile[chosen_profile])
-    layers += model_layers(model_name, chosen_profile)
+    if chosen_profile and chosen_profile != "tiny":  # a hardware profile: the model's recipe for it too
+        layers += model_layers(model_name, chosen_profile)
     task_defaults = dict(layers[0].values.get("task", {}))
     config = resolve(entry.name, layers + user_layers, task_defaults)
     config = dataclasses.replace(config, profile=chosen_profile or "")

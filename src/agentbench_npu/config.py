@@ -206,6 +206,12 @@ class RunConfig:
     hardware: HardwareSection = HardwareSection()
     task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
 
+    @property
+    def data_parallel(self) -> int:
+        """Trainer ranks that each train on a data shard of their own (Megatron: train_devices / tensor parallel)."""
+        ranks = self.cluster.train_devices
+        return ranks // self.megatron.tensor_parallel if self.run.trainer == "megatron" else ranks
+
     def train_config(self) -> TrainConfig:
         r = self.rollout
         return TrainConfig(**self.train, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)

@@ -16,7 +16,7 @@ def _megatron_data_parallel(megatron: dict[str, int], ranks: int) -> int:
     tp, pp, ep = megatron["tensor_parallel"], megatron["pipeline_parallel"], megatron["expert_parallel"]
     if pp != 1:
         raise ConfigError(f"megatron.pipeline_parallel is {pp}: the Megatron trainer runs no pipeline schedule yet; "
-                          "use 1 and split the model with megatron.tensor_parallel / expert_parallel")
+                          "use 1 and split the model with megatron.tensor_parallel")
     if ranks % tp:
         raise ConfigError(f"megatron.tensor_parallel ({tp}) must divide cluster.train_devices ({ranks}); "
                           f"several trainer ranks run on Ray: --executor ray --train-devices {tp}")
@@ -24,9 +24,6 @@ def _megatron_data_parallel(megatron: dict[str, int], ranks: int) -> int:
         raise ConfigError(f"megatron.expert_parallel is {ep}: the Megatron trainer does not yet reduce expert "
                           "gradients over expert-data-parallel groups; train with 1 (tensor parallelism splits "
                           "the experts too)")
-    if (ranks // tp) % ep:
-        raise ConfigError(f"megatron.expert_parallel ({ep}) must divide the data-parallel size (cluster.train_devices "
-                          f"{ranks} / tensor_parallel {tp} = {ranks // tp}): experts are split over TP too")
     return ranks // tp
 
 
@@ -87,7 +84,7 @@ def check_values(merged: dict[str, dict[str, Any]]) -> None:
         if get(path) not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"{path} must be one of float32, bfloat16, float16; got '{get(path)}'")
     if get("model.dtype") != "float32":
-        raise ConfigError(f"model.dtype is '{get('model.dtype')}': the torch trainer keeps no float32 master weights, "
+        raise ConfigError(f"model.dtype is '{get('model.dtype')}': the trainer keeps no float32 master weights, "
                           "so small updates would round away; train in float32 and serve in half precision with "
                           "model.engine_dtype=bfloat16")
     prompts, ranks = get("rollout.prompts_per_step"), get("cluster.train_devices")

@@ -81,8 +81,10 @@ def plan(config: Any, hf: Mapping[str, Any]) -> Plan:
         how += "; the engine releases its memory for the step"
         beside = False
     if config.run.mode == "eval":  # the trainer still holds the weights, for the log-prob probes
-        trainer = n * 4 / tp
-        how = f"eval: float32 weights only, {config.run.trainer}" + (f" / TP {tp}" if tp > 1 else "")
+        kl = config.train.get("kl_coef", 0.0) > 0
+        trainer = n * 4 * (2 if kl else 1) / tp
+        how = (f"eval: float32 weights{' and the KL reference' if kl else ''} only, {config.run.trainer}"
+               + (f" / TP {tp}" if tp > 1 else ""))
     device = config.hardware.memory_gib
     return Plan(parameters=n, trainer_gib=trainer / GIB, trainer_how=how, engine_gib=engine / GIB,
                 device_gib=device, usable_gib=device * config.hardware.usable_fraction, engine_beside=beside)

@@ -320,7 +320,7 @@ def shard_by_group(trajs: Sequence[Trajectory], ranks: int) -> list[list[Traject
         groups.setdefault(t.group, []).append(t)
     ordered = list(groups.values())
     if len(ordered) % ranks:
-        raise UserError(f"{len(ordered)} prompt groups cannot be split evenly over {ranks} trainer ranks; "
-                        "make rollout.prompts_per_step a multiple of cluster.train_devices")
+        raise UserError(f"{len(ordered)} prompt groups cannot be split evenly over {ranks} data-parallel trainer "
+                        f"ranks; make rollout.prompts_per_step a multiple of {ranks}")
     per = len(ordered) // ranks
     return [[t for g in ordered[r * per:(r + 1) * per] for t in g] for r in range(ranks)]

@@ -18,13 +18,14 @@ import torch
 
 from ..config import RunConfig
 from ..devices import Device
+from ..errors import UserError
 from ..models.loading import load_causal_lm, load_tokenizer
 from ..models.moe import model_dir_is_moe
 from ..sync.base import named_weights
 from ..sync.checksum import weights_checksum
 from ..sync.distributed import BucketBuffers, receive_weights, send_weights, weight_specs
 from ..training.checkpoint import (load_checkpoint, load_trainer_shard, optimizer_checksum, save_checkpoint,
-                                   save_trainer_shard)
+                                   save_trainer_shard, shard_path)
 from ..training.trainer import Trainer
 from ..types import GenerateRequest, GenerateResult, Trajectory
 
@@ -142,6 +143,11 @@ class TrainWorker:
 
     def save_checkpoint(self, path: str, state: dict[str, Any], rng: dict[str, Any]) -> None:
         named = self.named_weights()  # (gathered once: a split model's other ranks call gather_weights meanwhile)
+        for tp_rank in range(1, getattr(getattr(self.model, "parallel", None), "tp", 1)):
+            if not shard_path(Path(path), tp_rank).is_file():
+                raise UserError(f"tensor-parallel rank {tp_rank} left no optimizer state at "
+                                f"{shard_path(Path(path), tp_rank)}: the run dir must be on a filesystem every "
+                                "trainer node shares")
         save_checkpoint(Path(path), model=self.model, tokenizer=self.tokenizer,
                         trainer_state=self.trainer.state_dict(), rng_state=rng,
                         state={**state, "weights_checksum": weights_checksum(named),

@@ -7,6 +7,7 @@ gates that may honestly fail with it; every other gate must still pass (tests/e2
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -123,8 +124,13 @@ def _rank_divergence(worker: Any) -> None:
 
 
 def _needs_ranks(config: RunConfig) -> str | None:
-    n = config.cluster.train_devices
-    return None if n >= 2 else f"cluster.train_devices is {n}; it needs at least 2 data-parallel ranks"
+    n = config.data_parallel
+    if n >= 2:
+        return None
+    if config.run.trainer == "megatron":
+        return (f"the Megatron trainer has {n} data-parallel rank(s) (cluster.train_devices / "
+                "megatron.tensor_parallel); it needs at least 2")
+    return f"cluster.train_devices is {n}; it needs at least 2 data-parallel ranks"
 
 
 def _unsummed_tp_norm_grads(worker: Any) -> None:
@@ -134,9 +140,22 @@ def _unsummed_tp_norm_grads(worker: Any) -> None:
 
 
 def _needs_tensor_parallel(config: RunConfig) -> str | None:
-    if config.run.trainer == "megatron" and config.megatron.tensor_parallel > 1:
+    if config.run.trainer != "megatron" or config.megatron.tensor_parallel == 1:
+        return "it breaks the Megatron trainer's tensor parallelism; use --trainer megatron with megatron.tensor_parallel=2"
+    from ..training.megatron.model import has_transformer_engine
+
+    if has_transformer_engine():  # sequence parallelism: every replicated tensor's gradient is partial
         return None
-    return "it breaks the Megatron trainer's tensor parallelism; use --trainer megatron with megatron.tensor_parallel=2"
+    from ..models.loading import resolve_model_dir
+
+    try:
+        model_type = json.loads((resolve_model_dir(config.model.name, config.model.seed) / "config.json").read_text())
+    except Exception:  # an unusable model is reported where it is loaded
+        return None
+    if str((model_type.get("text_config") or model_type).get("model_type", "")).startswith("qwen3"):
+        return None
+    return (f"model '{config.model.name}' has no q/k norms, the only tensors whose gradients TP ranks hold in part "
+            "without Transformer Engine's sequence parallelism; use a Qwen3 model (tiny)")
 
 
 def _shuffled_data_order(runner: Any) -> None:

@@ -13,10 +13,10 @@ from .base import GateContext, first_problem
 class RanksGate:
     name = "ranks"
     description = "with data-parallel trainers: parameter checksum identical across ranks every step"
-    requirement = "a training run (--mode train) with cluster.train_devices >= 2"
+    requirement = "a training run (--mode train) with >= 2 data-parallel trainer ranks"
 
     def applies(self, config: RunConfig) -> bool:
-        return config.cluster.train_devices >= 2 and config.run.mode == "train"
+        return config.data_parallel >= 2 and config.run.mode == "train"
 
     def evaluate(self, ctx: GateContext) -> GateResult:
         problems = []

@@ -154,6 +154,14 @@ def check_resumable(checkpoint: Checkpoint, config: Any) -> None:
     if checkpoint.state.get("scenario") != c.scenario:
         raise UserError(f"checkpoint '{checkpoint.path}' is of scenario '{checkpoint.state.get('scenario')}', "
                         f"not '{c.scenario}'")
+    saved_trainer = checkpoint.state.get("trainer", "torch")
+    saved_tp = int(checkpoint.state.get("tensor_parallel", 1))
+    tp = c.megatron.tensor_parallel if c.run.trainer == "megatron" else 1
+    if (saved_trainer, saved_tp) != (c.run.trainer, tp):
+        split = f" split over tensor parallel {saved_tp}" if saved_trainer == "megatron" else ""
+        raise UserError(f"checkpoint '{checkpoint.path}' holds the optimizer state of the {saved_trainer} trainer{split}; "
+                        f"resume it with --trainer {saved_trainer}"
+                        + (f" --set megatron.tensor_parallel={saved_tp}" if saved_trainer == "megatron" else ""))
     saved_ranks = int(checkpoint.state.get("train_ranks", 1))
     if saved_ranks != c.cluster.train_devices:
         raise UserError(f"checkpoint '{checkpoint.path}' was saved by {saved_ranks} trainer rank(s); "

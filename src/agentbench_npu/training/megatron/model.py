@@ -140,9 +140,13 @@ class MegatronCausalLM(torch.nn.Module):
         """Logits [batch, seq, vocab] for right-padded rows (pads only ever follow the tokens that matter, so
         a causal mask is the whole mask)."""
         b, n = input_ids.shape
-        positions = torch.arange(n, device=input_ids.device).expand(b, n)
-        causal = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).triu(1)[None, None]  # True = hidden
-        return _Output(self.gpt(input_ids, positions, attention_mask=causal))
+        split = self.parallel.tp if self.gpt.config.sequence_parallel else 1
+        width = -(-n // split) * split  # sequence parallelism splits the sequence over TP ranks: pad to fit
+        if width != n:  # padding after the last token changes nothing before it (causal)
+            input_ids = torch.nn.functional.pad(input_ids, (0, width - n))
+        positions = torch.arange(width, device=input_ids.device).expand(b, width)
+        causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).triu(1)[None, None]  # True = hidden
+        return _Output(self.gpt(input_ids, positions, attention_mask=causal)[:, :n])
 
     def finish_gradients(self) -> None:
         """Sum over the TP ranks the gradients that each rank holds only a part of: the q/k layernorms (shared
@@ -170,6 +174,8 @@ class MegatronCausalLM(torch.nn.Module):
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
         grads = [p.grad for p in self.gpt.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
         counted = [p.grad for p in self.gpt.parameters()
                    if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
         square = sum((g.detach().float().pow(2).sum() for g in counted), torch.zeros((), device=grads[0].device))
@@ -184,7 +190,8 @@ class MegatronCausalLM(torch.nn.Module):
 
     # -- back to Hugging Face ---------------------------------------------------------------------------
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model under Hugging Face names, gathered from every TP and EP rank (on every rank)."""
+        """The whole model under Hugging Face names, gathered from every TP and EP rank (on every rank) into host
+        memory: one tensor at a time passes through the device, the whole model never does."""
         return megatron_to_hf(self._gathered_shards(), self.layout)
 
     def _gathered_shards(self) -> Shards:
@@ -201,7 +208,7 @@ class MegatronCausalLM(torch.nn.Module):
             for t, part in enumerate(by_tp):
                 by_ep = _all_gather(part, ps.get_expert_model_parallel_group(), ep) if expert else [part] * ep
                 for e, piece in enumerate(by_ep):
-                    shards[(0, t, e)][name] = piece
+                    shards[(0, t, e)][name] = piece.to("cpu")
         return shards
 
     def named_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
