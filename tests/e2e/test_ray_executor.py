@@ -3,6 +3,7 @@ data-parallel ranks, and what happens when things go wrong."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 RAY_ENV = {"RAY_AUTH_MODE": "disabled"}  # loopback-only test clusters; see MACHINE-NOTES on auth tokens
 SMALL = ("--set", "rollout.prompts_per_step=4", "--set", "rollout.samples_per_prompt=4")
@@ -128,6 +130,35 @@ def test_rank_divergence_is_caught_by_the_ranks_gate(cli, tmp_path, two_node_clu
     assert proc.returncode == 1, proc.stdout + proc.stderr
     (gate,) = report_of(tmp_path)["gates"]
     assert not gate["passed"] and "parameter checksums differ across ranks" in gate["detail"]
+
+
+MEGATRON_TP2_DP2 = ("run", "base", "--trainer", "megatron", "--set", "megatron.tensor_parallel=2", "--executor", "ray",
+                    "--train-devices", "4", "--steps", "2", "--out", "r", "-q", *SMALL)
+needs_megatron = pytest.mark.skipif(importlib.util.find_spec("megatron") is None or torch.cuda.is_available(),
+                                    reason="megatron-core on the CPU (the test extra; a CUDA host runs tests/device/)")
+
+
+@needs_megatron
+def test_megatron_tensor_and_data_parallel_over_two_nodes_pass_every_gate(cli, tmp_path, two_node_cluster):
+    # 4 ranks: TP 2 within a node, DP 2 across the nodes; each TP pair trains on its own data shard
+    proc = cli(*MEGATRON_TP2_DP2, "--ray-address", two_node_cluster, env=RAY_ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = report_of(tmp_path)
+    assert report["environment"]["cluster"]["trainer_parallel"] == {"tp": 2, "pp": 1, "ep": 1, "dp": 2}
+    assert {g["name"]: g["passed"] for g in report["gates"]} == {
+        "logprob_alignment": True, "weight_sync": True, "reproducibility": True, "checkpoint_continuity": True,
+        "ranks": True}
+
+
+@needs_megatron
+def test_a_diverging_data_parallel_replica_of_a_split_model_is_caught_by_the_ranks_gate(cli, tmp_path,
+                                                                                     two_node_cluster):
+    proc = cli(*MEGATRON_TP2_DP2, "--ray-address", two_node_cluster, "--inject-fault", "rank-divergence",
+               "--gates", "ranks", env=RAY_ENV)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (gate,) = report_of(tmp_path)["gates"]
+    # rank 1 (replica 0's second TP rank) keeps its local gradients: replica 0's weights leave replica 1's
+    assert not gate["passed"] and "rank 0" in gate["detail"] and "rank 2" in gate["detail"]
 
 
 def test_the_local_executor_refuses_several_devices(cli, tmp_path):
