@@ -63,6 +63,11 @@ def test_a_tiny_model_survives_the_round_trip_through_megatron_shards_bit_for_bi
     assert set(back) == set(state)
     for n, tensor in state.items():
         assert torch.equal(back[n], tensor), n
+    # a loading rank builds its own shard alone, the same as its part of the whole
+    last = (pp - 1, tp - 1, ep - 1)
+    alone = hf_to_megatron(state, layout, tp=tp, pp=pp, ep=ep, only=last)
+    assert list(alone) == [last] and alone[last].keys() == shards[last].keys()
+    assert all(torch.equal(alone[last][k], v) for k, v in shards[last].items())
 
 
 def test_a_qwen2_layout_with_qkv_bias_and_an_untied_head_round_trips():

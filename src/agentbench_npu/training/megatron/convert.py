@@ -102,11 +102,13 @@ def _qkv_to_hf(qkv: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.T
 
 
 def hf_to_megatron(state: Mapping[str, torch.Tensor], layout: Layout, *, tp: int = 1, pp: int = 1,
-                   ep: int = 1) -> Shards:
-    """A full HF state dict as every (pp, tp, ep) rank's Megatron state dict."""
+                   ep: int = 1, only: tuple[int, int, int] | None = None) -> Shards:
+    """A full HF state dict as every (pp, tp, ep) rank's Megatron state dict, or as rank `only`'s alone (what a
+    rank loading a checkpoint needs: one shard's copies, not every rank's)."""
     check_parallelism(layout, tp=tp, pp=pp, ep=ep)
     per_stage = layout.num_layers // pp
-    shards: Shards = {(p, t, e): {} for p in range(pp) for t in range(tp) for e in range(ep)}
+    shards: Shards = {(p, t, e): {} for p in range(pp) for t in range(tp) for e in range(ep)
+                      if only is None or (p, t, e) == only}
 
     def put(stage: int, name: str, tensor: torch.Tensor, split_dim: int | None) -> None:
         """A tensor outside the experts: split over TP (or replicated), the same on every EP rank."""

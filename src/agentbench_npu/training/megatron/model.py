@@ -92,13 +92,12 @@ def build(hf: Mapping[str, Any], state: Mapping[str, torch.Tensor] | None, paral
     gpt = GPTModel(config=TransformerConfig(**options), transformer_layer_spec=spec, **model_options(hf),
                    parallel_output=False)  # every TP rank gets the whole vocabulary's logits
     if state is not None:
+        rank = (0, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_model_parallel_rank())
         try:
-            shards = hf_to_megatron(state, layout, tp=parallel.tp, pp=1, ep=parallel.ep)
+            mine = hf_to_megatron(state, layout, tp=parallel.tp, pp=1, ep=parallel.ep, only=rank)[rank]
         except KeyError as exc:
             raise ConfigError(f"the checkpoint has no tensor {exc.args[0]!r}, which a {hf.get('model_type')} model "
                               f"with this config.json has") from None
-        mine = shards[(0, parallel_state.get_tensor_model_parallel_rank(),
-                       parallel_state.get_expert_model_parallel_rank())]
         _load_exactly(gpt, mine)
     return MegatronCausalLM(gpt.to(device), hf, layout, parallel)
 
