@@ -17,7 +17,8 @@ from rich.table import Table
 
 from . import __version__
 from .config import resolve
-from .recipes import Layer, load_toml, model_layers, parse_set, profile_layer, split_profiles
+from .recipes import (Layer, load_toml, model_layers, parse_set, profile_layer, shipped_recipes,
+                      split_profiles)
 from .errors import UserError, one_line
 from .gates.base import SECOND_RUN_ENV
 from .plugins import KINDS, Plugins, load_plugins
@@ -261,6 +262,11 @@ def _print_summary(report: dict[str, Any]) -> None:
     out_console.print(f"report: {run_dir / 'report.json'}{also}")
 
 
+TRAINERS = {
+    "torch": "a transformers model; data parallel over trainer ranks (--trainer torch, the default)",
+    "megatron": "Megatron-core's GPT model (the megatron extra): tensor parallel x data parallel "
+                "(--trainer megatron, [megatron] tensor_parallel)",
+}
 EXECUTORS = {
     "local": "trainer and engine in this process, weights copied in memory (colocate)",
     "ray": "trainer ranks and engines as Ray actors (colocate or disaggregated, one node or many), "
@@ -282,7 +288,8 @@ def _compact(value: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def list_(ctx: click.Context, as_json: bool) -> None:
-    """Scenarios, devices, engines, sandboxes and gates, with the plugin and distribution behind each."""
+    """Scenarios, devices, engines, sandboxes, gates and faults (with the plugin and distribution behind each),
+    executors, trainers, profiles and model recipes."""
     plugins = _plugins(ctx)
     rows = {kind: [
         {"name": r.name, "plugin": r.plugin, "distribution": r.distribution, "version": r.version,
@@ -291,9 +298,10 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     ] for kind in KINDS}
     plugin_rows = [{"plugin": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks)}
                    for p in plugins.plugins()]
+    recipes = {"profiles": shipped_recipes("profiles"), "model_recipes": shipped_recipes("models")}
     if as_json:
-        click.echo(json.dumps({"items": rows, "plugins": plugin_rows, "executors": EXECUTORS,
-                               "parallelism": PARALLELISM}, indent=2))
+        click.echo(json.dumps({"items": rows, "plugins": plugin_rows, "executors": EXECUTORS, "trainers": TRAINERS,
+                               "parallelism": PARALLELISM, **recipes}, indent=2))
         return
     for kind, items in rows.items():
         table = Table(title="sandboxes" if kind == "sandbox" else f"{kind}s", title_justify="left")
@@ -312,7 +320,15 @@ def list_(ctx: click.Context, as_json: bool) -> None:
     for name, text in EXECUTORS.items():
         table.add_row(name, text)
     out_console.print(table)
+    table = Table(title="trainers", title_justify="left")
+    for col in ("name", "description"):
+        table.add_column(col)
+    for name, text in TRAINERS.items():
+        table.add_row(name, text)
+    out_console.print(table)
     out_console.print(f"parallelism: {PARALLELISM}")
+    out_console.print(f"profiles (--profile): {', '.join(recipes['profiles'])}; model recipes (scenarios/models, "
+                      f"with a hardware profile): {', '.join(recipes['model_recipes'])}")
     table = Table(title="plugins", title_justify="left")
     for col in ("plugin", "distribution", "hooks"):
         table.add_column(col)

@@ -89,11 +89,16 @@ def packaged_recipe(relative: str) -> Layer | None:
     return Layer(values, f"scenarios/{relative}", text)
 
 
+def shipped_recipes(folder: str) -> list[str]:
+    """The names of the TOMLs shipped in scenarios/FOLDER (profiles, models)."""
+    return sorted(p.name[:-5] for p in resources.files("agentbench_npu.scenarios").joinpath(folder).iterdir()
+                  if p.name.endswith(".toml"))
+
+
 def profile_layer(name: str) -> Layer:
     layer = packaged_recipe(f"profiles/{name}.toml")
     if layer is None:
-        available = sorted(p.name[:-5] for p in resources.files("agentbench_npu.scenarios").joinpath("profiles").iterdir()
-                           if p.name.endswith(".toml"))
+        available = shipped_recipes("profiles")
         raise ConfigError(f"unknown profile '{name}'{close_names(name, available)}; available: {', '.join(available)}")
     return layer
 

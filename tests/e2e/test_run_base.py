@@ -155,3 +155,7 @@ def test_list_names_the_plugin_and_distribution_behind_builtins(cli):
     assert base["plugin"] == "agentbench_npu.builtin.plugin"
     assert {d["name"] for d in items["device"]} >= {"cpu", "cuda", "npu"}
     assert {e["name"] for e in items["engine"]} >= {"reference"}
+    listing = json.loads(proc.stdout)
+    assert set(listing["trainers"]) == {"torch", "megatron"}
+    assert {"tiny", "a2", "a3", "a5", "h100"} <= set(listing["profiles"])
+    assert listing["model_recipes"] == ["qwen2.5-3b", "qwen3-30b-a3b", "qwen3-4b"]
