@@ -121,13 +121,15 @@ def check(config: Any, hf: Mapping[str, Any], profile: str) -> Plan:
 
 
 def _check_engine_devices(config: Any) -> None:
-    """An engine split over devices needs those devices: the Ray executor gives each engine worker one."""
+    """An engine split over devices needs those devices: disaggregated, the Ray executor gives each engine worker
+    engine.tp_size of them; colocated, each engine shares one device with a trainer rank."""
     e = config.engine
-    if config.run.engine == "sglang" and e.tp_size > 1 and not e.url and config.cluster.executor == "ray":
+    if (config.run.engine == "sglang" and e.tp_size > 1 and not e.url and config.cluster.executor == "ray"
+            and config.cluster.mode == "colocate"):
         raise ConfigError(
-            f"engine.tp_size is {e.tp_size}, and the Ray executor gives each engine worker one device, so a server "
-            f"it launches cannot split over {e.tp_size}: start SGLang yourself with --tp-size {e.tp_size} and attach "
-            "to it (--executor local --set engine.url=http://HOST:PORT), or use engine.tp_size=1")
+            f"engine.tp_size is {e.tp_size}, and colocated the Ray executor gives each engine worker the one device "
+            f"it shares with a trainer rank, so a server it launches cannot split over {e.tp_size}: use --mode "
+            "disaggregated (each engine then gets engine.tp_size devices), or engine.tp_size=1")
 
 
 def describe(config: Any, model: str) -> Iterator[str]:

@@ -161,6 +161,21 @@ def test_a_diverging_data_parallel_replica_of_a_split_model_is_caught_by_the_ran
     assert not gate["passed"] and "rank 0" in gate["detail"] and "rank 2" in gate["detail"]
 
 
+def test_a_disaggregated_server_engine_gets_engine_tp_size_devices(cli, tmp_path, two_node_cluster):
+    proc = cli("run", "base", "--executor", "ray", "--mode", "disaggregated", "--engine", "sglang",
+               "--set", "engine.launcher=agentbench", "--set", "engine.tp_size=2", "--ray-address", two_node_cluster,
+               "--steps", "1", "--gates", "logprob_alignment,weight_sync", "--out", "r", "-q", *SMALL, env=RAY_ENV)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = report_of(tmp_path)
+    assert report["environment"]["cluster"]["engine_devices"] == 2  # a bundle of 2 CPUs for the one engine
+    assert all(g["passed"] for g in report["gates"])
+    # 3 of the 4 CPUs: a second engine of 2 does not fit, and the refusal says what the run needs
+    proc = cli("run", "base", "--executor", "ray", "--mode", "disaggregated", "--engine", "sglang",
+               "--set", "engine.launcher=agentbench", "--set", "engine.tp_size=2", "--rollout-devices", "2",
+               "--ray-address", two_node_cluster, "--steps", "1", "--out", "r2", "-q", *SMALL, env=RAY_ENV)
+    assert proc.returncode == 2 and "2 engine(s) of 2 device(s)" in proc.stderr
+
+
 def test_the_local_executor_refuses_several_devices(cli, tmp_path):
     proc = cli("run", "base", "--out", "r", "--train-devices", "2")
     assert proc.returncode == 2

@@ -43,14 +43,20 @@ def test_the_users_settings_win_over_the_recipe_and_what_cannot_fit_is_refused(c
             "step), and 64 GiB devices leave 51.2 GiB") in proc.stderr
 
 
-def test_qwen3_30b_a3b_is_refused_before_anything_starts_saying_what_is_missing(cli, tmp_path):
+def test_qwen3_30b_a3b_training_is_refused_saying_what_is_missing_and_its_rollout_is_planned(cli, tmp_path):
     model = checkpoint(tmp_path, QWEN3_30B_A3B)
     proc = cli("run", "base", "--profile", "a3", "--model", model, "--dry-run")
     assert proc.returncode == 2 and "a trainer rank needs 113.7 GiB" in proc.stderr
     assert "expert-parallel training and a distributed optimizer are not built yet" in proc.stderr
     proc = cli("run", "base", "--profile", "a3", "--model", model, "--mode", "eval", "--dry-run")
-    assert proc.returncode == 2 and "the Ray executor gives each engine worker one device" in proc.stderr
+    assert proc.returncode == 2 and "use --mode disaggregated (each engine then gets engine.tp_size" in proc.stderr
     assert "recipe: scenarios/models/qwen3-30b-a3b.toml" in proc.stdout
+    # rollout and scoring, disaggregated: trainer ranks hold fp32 weights / TP 4, engines bf16 / 4 devices
+    proc = cli("run", "base", "--profile", "a3", "--model", model, "--mode", "eval", "--mode", "disaggregated",
+               "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainer rank 28.4 GiB (eval: float32 weights only, megatron / TP 4)" in proc.stdout
+    assert "engine weights 14.2 GiB" in proc.stdout
 
 
 def test_a_model_no_recipe_knows_runs_on_the_profile_alone(cli, tmp_path):

@@ -68,10 +68,13 @@ def test_what_does_not_fit_is_refused_with_the_numbers_and_the_way_out():
     # an eval run's trainer holds float32 weights only (no gradients, no Adam)
     evaluating = plan(config({"run": {"mode": "eval"}}), QWEN3_4B)
     assert evaluating.trainer_gib == pytest.approx(4_022_468_096 * 4 / 2**30)
-    # an engine split over devices cannot be launched by the Ray executor's one-device engine workers
-    with pytest.raises(ConfigError, match=r"engine.tp_size is 2, and the Ray executor gives each engine worker one"):
+    # colocated, an engine worker shares one device with a trainer rank: a launched server cannot split
+    with pytest.raises(ConfigError, match=r"engine.tp_size is 2, and colocated the Ray executor gives each engine"):
         check(config({"run": {"engine": "sglang", "trainer": "megatron"}, "engine": {"tp_size": 2},
                       "megatron": {"tensor_parallel": 2}}), QWEN3_4B, "a2")
+    assert check(config({"run": {"engine": "sglang", "trainer": "megatron"}, "engine": {"tp_size": 2},
+                         "megatron": {"tensor_parallel": 2}, "cluster": {"mode": "disaggregated"}}), QWEN3_4B,
+                 "a2").fits
     attached = config({"run": {"engine": "sglang", "trainer": "megatron"}, "engine": {"tp_size": 2},
                        "megatron": {"tensor_parallel": 2}},
                       {"engine": {"url": "http://127.0.0.1:1"}, "cluster": {"rollout_devices": 1}})

@@ -130,8 +130,16 @@ class RayCluster(Cluster):
             count = max(c.train_devices, c.rollout_devices)
             bundles = [{resource: 1.0} for _ in range(count)]
             return bundles, [i % count for i in range(c.train_devices)], [i % count for i in range(c.rollout_devices)], 0.5
-        bundles = [{resource: 1.0} for _ in range(c.train_devices + c.rollout_devices)]
+        per_engine = float(self._engine_devices())
+        bundles = [{resource: 1.0} for _ in range(c.train_devices)] + [{resource: per_engine}
+                                                                       for _ in range(c.rollout_devices)]
         return bundles, list(range(c.train_devices)), list(range(c.train_devices, len(bundles))), 1.0
+
+    def _engine_devices(self) -> int:
+        """Devices one engine worker holds: an SGLang server it launches splits over engine.tp_size of them
+        (disaggregated mode; the plan refuses that split colocated)."""
+        e, r = self.config.engine, self.config.run
+        return e.tp_size if r.engine == "sglang" and not e.url and self.config.cluster.mode == "disaggregated" else 1
 
     def _actor(self, ray: Any, cls: type, bundle: int, share: float, spec: WorkerSpec) -> Any:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -155,9 +163,10 @@ class RayCluster(Cluster):
 
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "NPU")}
         need = f"the run needs {len(bundles)} bundles of {bundles[0]} ({c.train_devices} trainer(s), " \
-               f"{c.rollout_devices} engine(s), {c.mode}); the Ray cluster has {have}"
+               f"{c.rollout_devices} engine(s) of {self._engine_devices()} device(s), {c.mode}); the Ray cluster " \
+               f"has {have}"
         resource = next(iter(bundles[0]))
-        if have.get(resource, 0) < len(bundles):
+        if have.get(resource, 0) < sum(b[resource] for b in bundles):
             self.shutdown()
             raise UserError(need)
         self.pg = placement_group(bundles, strategy="STRICT_SPREAD" if c.placement == "spread" else "PACK")
@@ -170,7 +179,8 @@ class RayCluster(Cluster):
         self.trainers = [self._actor(ray, TrainWorker, b, share,
                                      WorkerSpec(**base, rank=r, world_size=c.train_devices))
                          for r, b in enumerate(train_at)]
-        self.engines = [self._actor(ray, EngineWorker, b, share, WorkerSpec(**base)) for b in engine_at]
+        self.engines = [self._actor(ray, EngineWorker, b, share * self._engine_devices(), WorkerSpec(**base))
+                        for b in engine_at]
         dp_host, dp_port = self._get(self.trainers[0].node_address.remote(), "trainer rank 0")
         states = self._get([t.setup.remote(f"tcp://{dp_host}:{dp_port}") for t in self.trainers], "trainer setup")
         self._get([e.setup.remote(self.engine_factory) for e in self.engines], "engine setup")
@@ -274,6 +284,7 @@ class RayCluster(Cluster):
         return {"executor": "ray", "mode": c.mode, "train_ranks": c.train_devices, "engines": c.rollout_devices,
                 "placement": c.placement, "cluster_nodes": len(nodes), "ray_address": c.ray_address or "local",
                 "sync": "distributed (gloo)", "actor_nodes": self._actor_nodes,
+                "engine_devices": self._engine_devices(),
                 **self._get(self.trainers[0].describe.remote(), "trainer rank 0")}
 
     def shutdown(self) -> None:
