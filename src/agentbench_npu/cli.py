@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -22,11 +21,8 @@ from .recipes import (Layer, load_toml, model_layers, parse_set, profile_layer, 
 from .errors import UserError, one_line
 from .gates.base import SECOND_RUN_ENV
 from .plugins import KINDS, Plugins, load_plugins
-from .report.schema import nan_if_null
+from .terminal import RichProgress, err_console, out_console, print_summary
 
-# Not on a terminal (CI logs, pipes) rich would assume 80 columns and cut the step table.
-out_console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -139,14 +135,14 @@ def run(ctx: click.Context, scenario: str, device: str | None, model: str | None
     out_dir = out or (Path(config.run.out) if config.run.out else _default_out(entry.name, resume))
     if out_dir.exists() and not resume and any(out_dir.iterdir()):
         raise UserError(f"run dir '{out_dir}' exists and is not empty; pass another --out or --resume it")
-    runner = Runner(config, plugins, out_dir, resume=resume, progress=None if quiet else _RichProgress())
+    runner = Runner(config, plugins, out_dir, resume=resume, progress=None if quiet else RichProgress())
     runner.prepare()
     try:
         report = runner.execute()
     finally:  # an errored run with steps is one people most want to read
         if not os.environ.get(SECOND_RUN_ENV) and (runner.run.out_dir / "report.json").is_file():
             render_report(runner.run.out_dir)  # (a gate's second run is read by its gate, not by people)
-    _print_summary(report)
+    print_summary(report)
     ctx.exit(EXIT_OK if report["status"] == "passed" else EXIT_GATE_FAILED)
 
 
@@ -207,61 +203,6 @@ def _default_out(scenario: str, resume: Path | None) -> Path:
     return path
 
 
-class _RichProgress:
-    """Progress bars on stderr: the warm start, then one bar over steps with the latest metrics."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=err_console,
-                             transient=False)
-        self._task: Any = None
-        self._started = False
-
-    def phase(self, name: str, total: int | None = None) -> None:
-        if not self._started:
-            self._bar.start()
-            self._started = True
-        if self._task is not None:
-            self._bar.update(self._task, completed=self._bar.tasks[-1].total)
-        self._task = self._bar.add_task(name, total=total, info="")
-
-    def advance(self, done: int, **info: Any) -> None:
-        text = " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-        self._bar.update(self._task, completed=done, info=text)
-
-    def step(self, metrics: Any, total: int) -> None:
-        info = (f"reward {metrics.reward_mean:.3f}  loss {metrics.loss:+.4f}  "
-                f"|Δlogp| {metrics.logprob_abs_diff_mean:.1e}  sync {metrics.weight_sync_seconds * 1000:.0f} ms")
-        self._bar.update(self._task, completed=metrics.step + 1, info=info)
-
-    def done(self) -> None:
-        if self._started:
-            self._bar.stop()
-
-
-def _print_summary(report: dict[str, Any]) -> None:
-    table = Table(title=f"{report['scenario']}: {report['status']}", title_justify="left")
-    for col in ("step", "reward", "loss", "Δlogp mean", "Δlogp max", "roll s", "train s", "sync ms", "weights"):
-        table.add_column(col, justify="right", no_wrap=True)
-    for s in report["steps"]:
-        s = {k: nan_if_null(v) for k, v in s.items()}  # a resumed run's history was read back from JSON
-        table.add_row(str(s["step"]), f"{s['reward_mean']:.3f}", f"{s['loss']:+.4f}",
-                      f"{s['logprob_abs_diff_mean']:.1e}", f"{s['logprob_abs_diff_max']:.1e}",
-                      f"{s['rollout_seconds']:.2f}", f"{s['train_seconds']:.2f}",
-                      f"{s['weight_sync_seconds'] * 1000:.1f}", "synced" if s["weights_checksum_match"] else "MISMATCH")
-    out_console.print(table)
-    for gate in report["gates"]:
-        mark = "[green]pass[/]" if gate["passed"] else "[red]FAIL[/]"
-        out_console.print(f"gate {gate['name']}: {mark}  {escape(str(gate['detail']))}", soft_wrap=True)
-        out_console.print(f"    measured {_compact(gate['value'])}  threshold {_compact(gate['threshold'])}",
-                          highlight=False, soft_wrap=True)
-    run_dir = Path(report["run_dir"])
-    also = " (and report.md, report.html)" if (run_dir / "report.html").is_file() else ""
-    out_console.print(f"report: {run_dir / 'report.json'}{also}")
-
-
 TRAINERS = {
     "torch": "a transformers model; data parallel over trainer ranks (--trainer torch, the default)",
     "megatron": "Megatron-core's GPT model (the megatron extra): tensor parallel x data parallel "
@@ -277,13 +218,6 @@ PARALLELISM = ("data parallel over trainer ranks (torch.distributed: gloo / nccl
                "parallelism are not built yet.")
 
 
-def _compact(value: Any) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={_compact(v)}" for k, v in value.items())
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-# -- list ----------------------------------------------------------------------------------------
 @cli.command("list")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
@@ -314,18 +248,13 @@ def list_(ctx: click.Context, as_json: bool) -> None:
         if not items:
             table.add_row("(none yet)", "", "", "")
         out_console.print(table)
-    table = Table(title="executors", title_justify="left")
-    for col in ("name", "description"):
-        table.add_column(col)
-    for name, text in EXECUTORS.items():
-        table.add_row(name, text)
-    out_console.print(table)
-    table = Table(title="trainers", title_justify="left")
-    for col in ("name", "description"):
-        table.add_column(col)
-    for name, text in TRAINERS.items():
-        table.add_row(name, text)
-    out_console.print(table)
+    for title, described in (("executors", EXECUTORS), ("trainers", TRAINERS)):
+        table = Table(title=title, title_justify="left")
+        for col in ("name", "description"):
+            table.add_column(col)
+        for name, text in described.items():
+            table.add_row(name, text)
+        out_console.print(table)
     out_console.print(f"parallelism: {PARALLELISM}")
     out_console.print(f"profiles (--profile): {', '.join(recipes['profiles'])}; model recipes (scenarios/models, "
                       f"with a hardware profile): {', '.join(recipes['model_recipes'])}")

@@ -207,10 +207,14 @@ class RunConfig:
     task: dict[str, Any] = field(default_factory=dict)  # the scenario's own options
 
     @property
+    def tensor_parallel(self) -> int:
+        """Trainer ranks that hold one model between them (Megatron's TP; 1 for the torch trainer)."""
+        return self.megatron.tensor_parallel if self.run.trainer == "megatron" else 1
+
+    @property
     def data_parallel(self) -> int:
-        """Trainer ranks that each train on a data shard of their own (Megatron: train_devices / tensor parallel)."""
-        ranks = self.cluster.train_devices
-        return ranks // self.megatron.tensor_parallel if self.run.trainer == "megatron" else ranks
+        """Trainer ranks that each train on a data shard of their own (train_devices / tensor parallel)."""
+        return self.cluster.train_devices // self.tensor_parallel
 
     def train_config(self) -> TrainConfig:
         r = self.rollout

@@ -11,7 +11,9 @@ memory (`hardware.memory_gib`) is refused before anything starts when a trainer 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .errors import ConfigError
@@ -68,7 +70,7 @@ class Plan:
 
 def plan(config: Any, hf: Mapping[str, Any]) -> Plan:
     n = count_parameters(hf)
-    tp = config.megatron.tensor_parallel if config.run.trainer == "megatron" else 1
+    tp = config.tensor_parallel
     trainer = n * TRAIN_BYTES_PER_PARAM / tp
     how = f"{config.run.trainer}, 16 B/param" + (f" / TP {tp}" if tp > 1 else "")
     if config.train.get("kl_coef", 0.0) > 0:
@@ -135,9 +137,6 @@ def _check_engine_devices(config: Any) -> None:
 def describe(config: Any, model: str) -> Iterator[str]:
     """`run --dry-run`, line by line: the profile, the model recipe, the memory plan (a ConfigError when it
     cannot fit, after the lines that say what was resolved), and the resolved config as a recipe."""
-    import json
-    from pathlib import Path
-
     h = config.hardware
     yield (f"profile: {config.profile or '(none)'}"
            + (f" — {h.name}, {h.devices_per_node} x {h.memory_gib:g} GiB" if h.memory_gib else ""))

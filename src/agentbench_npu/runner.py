@@ -373,8 +373,7 @@ class Runner:
         self.cluster.save_checkpoint(str(path), {
             "step": done, "cursor": self.cursor, "weight_version": self.cluster.weight_version,
             "initial_model_dir": self.run.model_dir, "train_ranks": self.config.cluster.train_devices,
-            "trainer": self.config.run.trainer,
-            "tensor_parallel": self.config.megatron.tensor_parallel if self.config.run.trainer == "megatron" else 1,
+            "trainer": self.config.run.trainer, "tensor_parallel": self.config.tensor_parallel,
             "scenario": self.config.scenario, "config_digest": self.config.digest()})
         if not retain:
             return

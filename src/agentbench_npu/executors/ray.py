@@ -263,8 +263,7 @@ class RayCluster(Cluster):
     # -- a model split over ranks (Megatron's TP) ------------------------------------------------------------
     def _peers(self) -> list[Any]:
         """The other ranks holding a part of trainer rank 0's model: they join every gather of its weights."""
-        c = self.config
-        return self.trainers[1:c.megatron.tensor_parallel] if c.run.trainer == "megatron" else []
+        return self.trainers[1:self.config.tensor_parallel]
 
     def _peers_gather(self) -> list[Any]:
         return [t.gather_weights.remote() for t in self._peers()]

@@ -156,8 +156,7 @@ def check_resumable(checkpoint: Checkpoint, config: Any) -> None:
                         f"not '{c.scenario}'")
     saved_trainer = checkpoint.state.get("trainer", "torch")
     saved_tp = int(checkpoint.state.get("tensor_parallel", 1))
-    tp = c.megatron.tensor_parallel if c.run.trainer == "megatron" else 1
-    if (saved_trainer, saved_tp) != (c.run.trainer, tp):
+    if (saved_trainer, saved_tp) != (c.run.trainer, c.tensor_parallel):
         split = f" split over tensor parallel {saved_tp}" if saved_trainer == "megatron" else ""
         raise UserError(f"checkpoint '{checkpoint.path}' holds the optimizer state of the {saved_trainer} trainer{split}; "
                         f"resume it with --trainer {saved_trainer}"

@@ -48,8 +48,8 @@ def preflight(config: Any, device_name: str, model_dir: Path, world_size: int) -
 def start(config: Any, device_name: str, dist_backend: str, torch_device: torch.device, model_dir: Path,
           world_size: int) -> tuple[MegatronCausalLM, Any, Parallel]:
     """This rank's model and its data-parallel group (None on one rank); joins a one-rank process group first
-    when the executor started none (the local executor)."""
-    preflight(config, device_name, model_dir, world_size)
+    when the executor started none (the local executor). The driver ran `preflight` before any worker started;
+    `initialize` imports Megatron here (MindSpeed's adaptor first on npu)."""
     warnings.filterwarnings("ignore", message="Apex is not installed")  # megatron-core falls back to torch norms
     if device_name == "cpu":
         run_on_cpu()
