@@ -65,6 +65,25 @@ def test_after_every_check_no_work_dir_of_the_provider_is_left(provider: LocalSa
     assert provider.leftover_dirs() == 0
 
 
+def test_an_exec_sent_while_its_uid_is_being_reaped_waits_for_the_reaper_instead_of_being_killed_by_it(
+        provider: LocalSandboxProvider):
+    # what an output flood leaves behind: the runner asks for the uid to be cleared, the flood dies of its own
+    # SIGPIPE, and the agent's next command arrives while the reaper's kill(-1) may still be running
+    async def scenario() -> list[tuple[str, str]]:
+        async with provider.sandbox() as box:
+            if box.uid is None:
+                pytest.skip("sandboxes share the runner's uid (not root): no per-uid reaper")
+            assert provider.link is not None
+            results = []
+            for _ in range(40):
+                provider.link.reap(box.uid)  # not awaited, as the link does it
+                result = await box.exec(["python3", "-c", "print(1)"])
+                results.append((result.status, result.stdout.strip()))
+            return results
+
+    assert asyncio.run(scenario()) == [("ok", "1")] * 40
+
+
 def test_closing_the_provider_mid_exec_fails_the_exec_and_leaves_no_process_and_no_directory():
     provider = LocalSandboxProvider(LIMITS.replace(wall_seconds=30), {"uid_base": CLOSE_UID_BASE, "slots": 8})
 

@@ -218,6 +218,7 @@ class Worker:
         self.reaping = {}  # uid -> its reaper's pid
         self.waiting = {}  # uid -> messages to send once nothing of that uid is left
         self.again = set()  # uids to clear once more when their reaper ends
+        self.deferred = {}  # uid -> runs that wait for that uid's reaper: its kill(-1) would kill them too
 
     def send(self, message):
         self.sock.send(json.dumps(message).encode())
@@ -248,13 +249,10 @@ class Worker:
     def handle(self, req, fds):
         op = req["op"]
         if op == "run":
-            pid = os.fork()
-            if pid == 0:
-                _child(req, fds)
-            for fd in fds:
-                os.close(fd)
-            self.running[pid] = req
-            self.send({"op": "started", "id": req["id"], "pid": pid})
+            if req.get("uid") in self.reaping:
+                self.deferred.setdefault(req["uid"], []).append((req, fds))
+            else:
+                self.start(req, fds)
         elif op == "reap":  # stop everything under a uid (or a process group) now; say when it is done
             pgid = req.get("pgid")
             if pgid is not None and pgid not in self.running:
@@ -262,6 +260,15 @@ class Worker:
             self.reap(req.get("uid"), pgid, {"op": "reaped", "id": req.get("id")})
         elif op == "ping":
             self.send({"op": "pong", "id": req.get("id")})
+
+    def start(self, req, fds):
+        pid = os.fork()
+        if pid == 0:
+            _child(req, fds)
+        for fd in fds:
+            os.close(fd)
+        self.running[pid] = req
+        self.send({"op": "started", "id": req["id"], "pid": pid})
 
     def reap(self, uid, pgid, finished):
         """Kill every process of `uid` (from a child that takes that uid), or the group `pgid`; send
@@ -330,6 +337,8 @@ class Worker:
                 else:
                     for message in self.waiting.pop(uid, []):
                         self.send(message)
+                    for req, fds in self.deferred.pop(uid, []):
+                        self.start(req, fds)
             # anything else is an orphan handed to us as subreaper: reaped, nothing to say
 
     def shutdown(self):
