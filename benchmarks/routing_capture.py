@@ -17,7 +17,8 @@ import torch
 
 from agentbench_npu.engines.reference import ReferenceEngine
 from agentbench_npu.models import load_model
-from agentbench_npu.training.trainer import TrainConfig, Trainer, pack
+from agentbench_npu.training.batch import pack
+from agentbench_npu.training.trainer import TrainConfig, Trainer
 from agentbench_npu.types import GenerateRequest, SamplingParams, Trajectory
 
 

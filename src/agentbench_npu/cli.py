@@ -205,8 +205,8 @@ def _default_out(scenario: str, resume: Path | None) -> Path:
 
 TRAINERS = {
     "torch": "a transformers model; data parallel over trainer ranks (--trainer torch, the default)",
-    "megatron": "Megatron-core's GPT model (the megatron extra): tensor parallel x data parallel "
-                "(--trainer megatron, [megatron] tensor_parallel)",
+    "megatron": "Megatron-core's GPT model (the megatron extra): tensor parallel x data parallel, MoE experts "
+                "expert parallel (--trainer megatron, [megatron] tensor_parallel, expert_parallel)",
 }
 EXECUTORS = {
     "local": "trainer and engine in this process, weights copied in memory (colocate)",
@@ -214,8 +214,8 @@ EXECUTORS = {
            "weights broadcast over a gloo process group",
 }
 PARALLELISM = ("data parallel over trainer ranks (torch.distributed: gloo / nccl / hccl); tensor parallel with "
-               "--trainer megatron (megatron.tensor_parallel). Pipeline parallelism and training with expert "
-               "parallelism are not built yet.")
+               "--trainer megatron (megatron.tensor_parallel), and expert parallel for MoE experts "
+               "(megatron.expert_parallel). Pipeline parallelism is not built yet.")
 
 
 @cli.command("list")

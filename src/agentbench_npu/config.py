@@ -212,6 +212,17 @@ class RunConfig:
         return self.megatron.tensor_parallel if self.run.trainer == "megatron" else 1
 
     @property
+    def expert_parallel(self) -> int:
+        """Data ranks that split a MoE model's experts between them (Megatron's EP; 1 for the torch trainer)."""
+        return self.megatron.expert_parallel if self.run.trainer == "megatron" else 1
+
+    @property
+    def model_parallel(self) -> int:
+        """Trainer ranks whose forwards and weight gathers run together: tensor x expert parallel, the first of
+        which is trainer rank 0 (Megatron orders ranks TP first, then EP)."""
+        return self.tensor_parallel * self.expert_parallel
+
+    @property
     def data_parallel(self) -> int:
         """Trainer ranks that each train on a data shard of their own (train_devices / tensor parallel)."""
         return self.cluster.train_devices // self.tensor_parallel

@@ -20,10 +20,10 @@ def _megatron_data_parallel(megatron: dict[str, int], ranks: int) -> int:
     if ranks % tp:
         raise ConfigError(f"megatron.tensor_parallel ({tp}) must divide cluster.train_devices ({ranks}); "
                           f"several trainer ranks run on Ray: --executor ray --train-devices {tp}")
-    if ep != 1:
-        raise ConfigError(f"megatron.expert_parallel is {ep}: the Megatron trainer does not yet reduce expert "
-                          "gradients over expert-data-parallel groups; train with 1 (tensor parallelism splits "
-                          "the experts too)")
+    if (ranks // tp) % ep:
+        raise ConfigError(f"megatron.expert_parallel ({ep}) must divide the data-parallel size ({ranks // tp}: "
+                          f"cluster.train_devices {ranks} / megatron.tensor_parallel {tp}); experts are split over "
+                          "data-parallel ranks")
     return ranks // tp
 
 

@@ -2,7 +2,7 @@
 
 Static memory is exact arithmetic: parameters counted from config.json times the bytes each holds — the
 trainers keep float32 weights, gradients and two Adam moments (16 bytes per parameter; Megatron's split divides
-it by tensor parallel), plus a float32 copy for the KL reference when train.kl_coef > 0 (an eval run: the float32
+the dense ones by tensor parallel and a MoE model's experts by tensor x expert parallel), plus a float32 copy for the KL reference when train.kl_coef > 0 (an eval run: the float32
 weights alone, for the log-prob probes); an engine holds its
 weights in its dtype, split over engine.tp_size. Activations and the KV cache are what is left: a trainer rank
 may take `hardware.usable_fraction` of a device for static memory. A run on a profile that knows its devices'
@@ -21,6 +21,15 @@ from .errors import ConfigError
 GIB = 1 << 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TRAIN_BYTES_PER_PARAM = 16  # float32 weights + gradients + Adam's two moments
+
+
+def count_expert_parameters(hf: Mapping[str, Any]) -> int:
+    """The parameters of a MoE model's experts (what expert parallelism splits); 0 for a dense model."""
+    text = hf.get("text_config") or hf
+    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    if not experts:
+        return 0
+    return int(text["num_hidden_layers"]) * experts * 3 * int(text["hidden_size"]) * int(text["moe_intermediate_size"])
 
 
 def count_parameters(hf: Mapping[str, Any]) -> int:
@@ -70,11 +79,14 @@ class Plan:
 
 def plan(config: Any, hf: Mapping[str, Any]) -> Plan:
     n = count_parameters(hf)
-    tp = config.tensor_parallel
-    trainer = n * TRAIN_BYTES_PER_PARAM / tp
-    how = f"{config.run.trainer}, 16 B/param" + (f" / TP {tp}" if tp > 1 else "")
+    tp, ep = config.tensor_parallel, config.expert_parallel
+    experts = count_expert_parameters(hf)
+    held = (n - experts) / tp + experts / (tp * ep)  # the parameters one trainer rank holds
+    split = (f" / TP {tp}" if tp > 1 else "") + (f", experts / TP x EP {tp * ep}" if ep > 1 else "")
+    trainer = held * TRAIN_BYTES_PER_PARAM
+    how = f"{config.run.trainer}, 16 B/param{split}"
     if config.train.get("kl_coef", 0.0) > 0:
-        trainer += n * 4 / tp
+        trainer += held * 4
         how += " + KL reference"
     engine_dtype = config.model.engine_dtype or config.model.dtype
     engine = n * BYTES.get(engine_dtype, 4) / (config.engine.tp_size if config.run.engine == "sglang" else 1)
@@ -84,9 +96,8 @@ def plan(config: Any, hf: Mapping[str, Any]) -> Plan:
         beside = False
     if config.run.mode == "eval":  # the trainer still holds the weights, for the log-prob probes
         kl = config.train.get("kl_coef", 0.0) > 0
-        trainer = n * 4 * (2 if kl else 1) / tp
-        how = (f"eval: float32 weights{' and the KL reference' if kl else ''} only, {config.run.trainer}"
-               + (f" / TP {tp}" if tp > 1 else ""))
+        trainer = held * 4 * (2 if kl else 1)
+        how = f"eval: float32 weights{' and the KL reference' if kl else ''} only, {config.run.trainer}{split}"
     device = config.hardware.memory_gib
     return Plan(parameters=n, trainer_gib=trainer / GIB, trainer_how=how, engine_gib=engine / GIB,
                 device_gib=device, usable_gib=device * config.hardware.usable_fraction, engine_beside=beside)
@@ -109,13 +120,20 @@ def check(config: Any, hf: Mapping[str, Any], profile: str) -> Plan:
     engine = (f" + the engine's {p.engine_gib:.1f} GiB beside it = {p.need_gib:.1f} GiB" if p.engine_beside else "")
     text = hf.get("text_config") or hf
     kv_heads = int(text.get("num_key_value_heads") or text["num_attention_heads"])
+    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    data_parallel = config.data_parallel
     if config.run.trainer == "torch":
         advice = "split it: --trainer megatron --set megatron.tensor_parallel=N"
     elif config.megatron.tensor_parallel < kv_heads:
         advice = f"raise megatron.tensor_parallel (up to {kv_heads}, its key/value heads)"
+    elif experts and config.megatron.expert_parallel < min(experts, data_parallel):
+        advice = (f"raise megatron.expert_parallel (it must divide the {data_parallel} data-parallel ranks and the "
+                  f"{experts} experts), or add trainer ranks (cluster.train_devices)")
     else:
-        advice = (f"tensor parallelism cannot split it further (its {kv_heads} key/value heads), and expert-parallel "
-                  "training and a distributed optimizer are not built yet")
+        advice = (f"tensor parallelism cannot split it further (its {kv_heads} key/value heads)"
+                  + (", nor expert parallelism with these trainer ranks" if experts else "")
+                  + ", and a distributed optimizer is not built yet: add trainer ranks"
+                  + (" and raise megatron.expert_parallel" if experts else ""))
     raise ConfigError(
         f"profile {profile}: a trainer rank needs {p.trainer_gib:.1f} GiB ({p.trainer_how}){engine}, "
         f"and {p.device_gib:g} GiB devices leave {p.usable_gib:.1f} GiB at hardware.usable_fraction "

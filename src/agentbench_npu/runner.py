@@ -374,6 +374,7 @@ class Runner:
             "step": done, "cursor": self.cursor, "weight_version": self.cluster.weight_version,
             "initial_model_dir": self.run.model_dir, "train_ranks": self.config.cluster.train_devices,
             "trainer": self.config.run.trainer, "tensor_parallel": self.config.tensor_parallel,
+            "expert_parallel": self.config.expert_parallel,
             "scenario": self.config.scenario, "config_digest": self.config.digest()})
         if not retain:
             return

@@ -43,20 +43,20 @@ def test_the_users_settings_win_over_the_recipe_and_what_cannot_fit_is_refused(c
             "step), and 64 GiB devices leave 51.2 GiB") in proc.stderr
 
 
-def test_qwen3_30b_a3b_training_is_refused_saying_what_is_missing_and_its_rollout_is_planned(cli, tmp_path):
+def test_qwen3_30b_a3b_trains_with_its_experts_split_over_tp_x_ep_and_less_is_refused(cli, tmp_path):
     model = checkpoint(tmp_path, QWEN3_30B_A3B)
     proc = cli("run", "base", "--profile", "a3", "--model", model, "--dry-run")
-    assert proc.returncode == 2 and "a trainer rank needs 113.7 GiB" in proc.stderr
-    assert "expert-parallel training and a distributed optimizer are not built yet" in proc.stderr
-    proc = cli("run", "base", "--profile", "a3", "--model", model, "--mode", "eval", "--dry-run")
-    assert proc.returncode == 2 and "use --mode disaggregated (each engine then gets engine.tp_size" in proc.stderr
-    assert "recipe: scenarios/models/qwen3-30b-a3b.toml" in proc.stdout
-    # rollout and scoring, disaggregated: trainer ranks hold fp32 weights / TP 4, engines bf16 / 4 devices
-    proc = cli("run", "base", "--profile", "a3", "--model", model, "--mode", "eval", "--mode", "disaggregated",
-               "--dry-run")
     assert proc.returncode == 0, proc.stderr
-    assert "trainer rank 28.4 GiB (eval: float32 weights only, megatron / TP 4)" in proc.stdout
+    assert "recipe: scenarios/models/qwen3-30b-a3b.toml" in proc.stdout
+    # dense layers / TP 4, experts / (TP 4 x EP 4); engines apart, bf16 over 4 devices each
+    assert "trainer rank 32.7 GiB (megatron, 16 B/param / TP 4, experts / TP x EP 16)" in proc.stdout
     assert "engine weights 14.2 GiB" in proc.stdout
+    proc = cli("run", "base", "--profile", "a3", "--model", model, "--set", "megatron.expert_parallel=2", "--dry-run")
+    assert proc.returncode == 2 and "a trainer rank needs 59.7 GiB" in proc.stderr
+    assert "raise megatron.expert_parallel (it must divide the 4 data-parallel ranks and the 128 experts)" in proc.stderr
+    # colocated, an engine worker shares one device with a trainer rank: a server split over 4 cannot launch
+    proc = cli("run", "base", "--profile", "a3", "--model", model, "--mode", "eval", "--mode", "colocate", "--dry-run")
+    assert proc.returncode == 2 and "use --mode disaggregated (each engine then gets engine.tp_size" in proc.stderr
 
 
 def test_a_model_no_recipe_knows_runs_on_the_profile_alone(cli, tmp_path):

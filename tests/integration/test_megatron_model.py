@@ -39,10 +39,19 @@ def logits_and_export(rank: int, name: str, tp: int, ep: int, world: int) -> tup
     return logits, model.hf_state_dict()
 
 
-def one_sgd_step(rank: int, name: str, tp: int, world: int) -> tuple[dict, float]:
-    model = _megatron(name, tp, 1, world).train()
-    _loss(model(input_ids=TOKENS).logits).backward()
+def one_sgd_step(rank: int, name: str, tp: int, ep: int, world: int) -> tuple[dict, float]:
+    from megatron.core import parallel_state as ps
+
+    model = _megatron(name, tp, ep, world).train()
+    tokens = _shard(rank, ep)
+    _loss(model(input_ids=tokens).logits, tokens, _total(ep)).backward()
     model.finish_gradients()
+    # what the trainer's data-parallel reduction does with a model split over ranks
+    dp = ps.get_data_parallel_group() if ps.get_data_parallel_world_size() > 1 else None
+    for group, params in model.gradient_groups(dp):
+        for p in params:
+            if group is not None and p.grad is not None:
+                torch.distributed.all_reduce(p.grad, group=group)
     norm = float(model.clip_grad_norm_(1e9))  # the whole model's gradient norm (nothing is scaled at 1e9)
     with torch.no_grad():
         for p in model.parameters():
@@ -50,8 +59,23 @@ def one_sgd_step(rank: int, name: str, tp: int, world: int) -> tuple[dict, float
     return model.hf_state_dict(), norm
 
 
-def _loss(logits: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), TOKENS[:, 1:].reshape(-1))
+# with EP, each data rank trains on its own rows, of its own shape (the forward evens them out over the EP group)
+SHARDS = [TOKENS[:2], TOKENS[2:, :9]]
+
+
+def _shard(rank: int, ep: int) -> torch.Tensor:
+    return SHARDS[rank] if ep > 1 else TOKENS  # TP ranks share their data
+
+
+def _total(ep: int) -> int:
+    return sum(t[:, 1:].numel() for t in (SHARDS if ep > 1 else [TOKENS]))
+
+
+def _loss(logits: torch.Tensor, tokens: torch.Tensor = TOKENS, total: int | None = None) -> torch.Tensor:
+    """Token cross-entropy summed over `tokens` and divided by the whole batch's count (so ranks' losses add up)."""
+    summed = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               tokens[:, 1:].reshape(-1), reduction="sum")
+    return summed / (total or tokens[:, 1:].numel())
 
 
 def _reference(name: str):
@@ -72,23 +96,29 @@ def test_megatron_computes_the_logits_transformers_does_and_gives_the_checkpoint
             assert torch.equal(exported[key], tensor), f"rank {rank}: {key}"
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_a_gradient_step_through_megatron_moves_the_weights_as_in_transformers(tp):
-    hf_model, _ = _reference("tiny")
-    _loss(hf_model(TOKENS).logits).backward()
+@pytest.mark.parametrize("name, tp, ep, world", [("tiny", 1, 1, 1), ("tiny", 2, 1, 2), ("tiny-moe", 1, 1, 1),
+                                                 ("tiny-moe", 1, 2, 2)])
+def test_a_gradient_step_through_megatron_moves_the_weights_as_in_transformers(name, tp, ep, world, tmp_path):
+    hf_model, saved = _reference(name)
+    for rank in range(world if ep > 1 else 1):  # the whole batch, as the data ranks hold it between them
+        tokens = _shard(rank, ep)
+        _loss(hf_model(tokens).logits, tokens, _total(ep)).backward()
     hf_norm = float(torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1e9))
     with torch.no_grad():
         for p in hf_model.parameters():
             p -= 0.5 * p.grad
-    expected = {k: v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}  # tied to the embedding
-    for rank, (stepped, norm) in enumerate(spawn_ranks(tp, one_sgd_step, "tiny", tp, tp)):
-        # each TP rank counts its shards and the replicated tensors once: the same norm as the unsplit model
+    hf_model.save_pretrained(tmp_path)  # under the checkpoint's names (transformers fuses experts in memory)
+    expected = load_file(str(tmp_path / "model.safetensors"))
+    for rank, (stepped, norm) in enumerate(spawn_ranks(world, one_sgd_step, name, tp, ep, world)):
+        # each TP rank counts its shards and the replicated tensors once, each EP rank its experts: the same
+        # norm as the unsplit model's
         assert norm == pytest.approx(hf_norm, rel=1e-5), f"rank {rank}"
-        assert set(stepped) == set(expected)
+        assert set(stepped) == set(saved)
         worst = max((stepped[k] - v).abs().max().item() for k, v in expected.items())
         assert worst < 1e-5, f"rank {rank}: weights differ by {worst}"
-        # and the step moved them: comparing untouched weights would pass trivially
-        assert any(not torch.equal(stepped[k], v) for k, v in _reference("tiny")[1].items())
+        # and the step moved them (every expert too): comparing untouched weights would pass trivially
+        unmoved = [k for k, v in saved.items() if torch.equal(stepped[k], v) and k in expected]
+        assert not unmoved, f"rank {rank}: {unmoved[:3]} did not move"
 
 
 def test_a_checkpoint_megatron_does_not_hold_is_refused_naming_the_tensors(tmp_path):

@@ -16,8 +16,9 @@ from agentbench_npu.engines.reference import ReferenceEngine
 from agentbench_npu.models import load_model
 from agentbench_npu.sync import ColocateSync
 from agentbench_npu.sync.checksum import weights_checksum
+from agentbench_npu.training.batch import pack
 from agentbench_npu.training.losses import k3
-from agentbench_npu.training.trainer import TrainConfig, Trainer, pack
+from agentbench_npu.training.trainer import TrainConfig, Trainer
 from agentbench_npu.types import GenerateRequest, SamplingParams, Trajectory
 
 CPU = torch.device("cpu")

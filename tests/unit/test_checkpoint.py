@@ -195,7 +195,7 @@ def test_saving_again_to_the_same_path_replaces_the_checkpoint(tiny, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["step-000001"]
 
 
-def test_tensor_parallel_ranks_optimizer_states_move_into_the_checkpoint_and_back(tiny, tmp_path):
+def test_model_parallel_ranks_optimizer_states_move_into_the_checkpoint_and_back(tiny, tmp_path):
     from agentbench_npu.training.checkpoint import load_trainer_shard, save_trainer_shard
 
     path = tmp_path / "step-000002"
@@ -203,10 +203,10 @@ def test_tensor_parallel_ranks_optimizer_states_move_into_the_checkpoint_and_bac
     save(tiny, path, 2)
     assert not list(tmp_path.glob(".step-000002.*"))  # moved in, nothing left beside
     checkpoint = load_checkpoint(path)
-    assert "trainer-tp1.pt" in json.loads((path / "manifest.json").read_text())
+    assert "trainer-rank1.pt" in json.loads((path / "manifest.json").read_text())
     assert load_trainer_shard(checkpoint, 1) == {"optimizer": "rank 1's moments"}
     assert load_trainer_shard(checkpoint, 0) is checkpoint.trainer
-    with pytest.raises(UserError, match="no optimizer state for tensor-parallel rank 2"):
+    with pytest.raises(UserError, match="no optimizer state for model-parallel rank 2"):
         load_trainer_shard(checkpoint, 2)
 
 
@@ -224,11 +224,15 @@ def test_a_checkpoint_resumes_only_with_the_trainer_and_split_that_saved_it(tiny
     def config(**sections):
         return resolve("base", [Layer({"run": {"steps": 4}, **sections}, "test")], {})
 
-    with pytest.raises(UserError, match=r"megatron trainer split over tensor parallel 2; resume it with "
-                                        r"--trainer megatron --set megatron.tensor_parallel=2"):
+    with pytest.raises(UserError, match=r"megatron trainer split over tensor parallel 2 x expert parallel 1; resume "
+                                        r"it with --trainer megatron --set megatron.tensor_parallel=2"):
         check_resumable(checkpoint, config())
     with pytest.raises(UserError, match="tensor parallel 2"):
         check_resumable(checkpoint, config(run={"steps": 4, "trainer": "megatron"}))
+    with pytest.raises(UserError, match="expert parallel 1"):  # the experts' optimizer states are split as saved
+        check_resumable(checkpoint, config(run={"steps": 4, "trainer": "megatron"},
+                                           cluster={"executor": "ray", "train_devices": 4},
+                                           megatron={"tensor_parallel": 2, "expert_parallel": 2}))
     check_resumable(checkpoint, config(run={"steps": 4, "trainer": "megatron"},
                                        cluster={"executor": "ray", "train_devices": 2},
                                        megatron={"tensor_parallel": 2}))

@@ -44,6 +44,18 @@ def test_a_trainer_rank_holds_16_bytes_a_parameter_split_by_tensor_parallel():
     assert split.usable_gib == pytest.approx(64 * 0.8)
 
 
+def test_expert_parallelism_splits_the_experts_and_tensor_parallelism_everything():
+    from agentbench_npu.plan import count_expert_parameters
+
+    experts = count_expert_parameters(QWEN3_30B_A3B)
+    assert experts == 48 * 128 * 3 * 2048 * 768 and count_expert_parameters(QWEN3_4B) == 0
+    split = plan(config({"run": {"trainer": "megatron"}, "megatron": {"tensor_parallel": 4, "expert_parallel": 4},
+                         "cluster": {"train_devices": 16}}), QWEN3_30B_A3B)
+    dense = count_parameters(QWEN3_30B_A3B) - experts
+    assert split.trainer_gib == pytest.approx((dense / 4 + experts / 16) * 16 / 2**30)
+    assert "experts / TP x EP 16" in split.trainer_how
+
+
 def test_the_engine_counts_beside_the_trainer_unless_it_releases_its_memory():
     beside = plan(config({"run": {"engine": "reference"}}), QWEN25_3B)
     released = plan(config({"run": {"engine": "sglang"}}), QWEN25_3B)
@@ -59,8 +71,12 @@ def test_what_does_not_fit_is_refused_with_the_numbers_and_the_way_out():
     with pytest.raises(ConfigError, match=r"raise megatron.tensor_parallel \(up to 4"):
         check(config(engine, {"run": {"trainer": "megatron"}, "megatron": {"tensor_parallel": 2},
                               "cluster": {"train_devices": 8}}), QWEN3_30B_A3B, "a2")
-    with pytest.raises(ConfigError, match=r"cannot split it further \(its 4 key/value heads\).*not built yet"):
+    with pytest.raises(ConfigError, match=r"raise megatron.expert_parallel \(it must divide the 2 data-parallel"):
         check(config(engine, {"run": {"trainer": "megatron"}, "megatron": {"tensor_parallel": 4},
+                              "cluster": {"train_devices": 8}}), QWEN3_30B_A3B, "a2")
+    with pytest.raises(ConfigError, match=r"cannot split it further \(its 4 key/value heads\), nor expert parallelism "
+                                          r"with these trainer ranks.*add trainer ranks"):
+        check(config(engine, {"run": {"trainer": "megatron"}, "megatron": {"tensor_parallel": 4, "expert_parallel": 2},
                               "cluster": {"train_devices": 8}}), QWEN3_30B_A3B, "a2")
     # without training only the engine must fit: 57 GiB of bf16 weights need splitting over devices
     with pytest.raises(ConfigError, match=r"an engine needs 56\.9 GiB .*on one device.*--set engine.tp_size=N"):

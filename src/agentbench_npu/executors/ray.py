@@ -260,10 +260,11 @@ class RayCluster(Cluster):
             path, state, {"ranks": {str(r): s for r, s in enumerate(rngs)}}),
             "a checkpoint")
 
-    # -- a model split over ranks (Megatron's TP) ------------------------------------------------------------
+    # -- a model split over ranks (Megatron's TP and EP) ------------------------------------------------------
     def _peers(self) -> list[Any]:
-        """The other ranks holding a part of trainer rank 0's model: they join every gather of its weights."""
-        return self.trainers[1:self.config.tensor_parallel]
+        """The other ranks holding a part of trainer rank 0's model: they join every gather of its weights and
+        every forward it runs alone (EP ranks exchange tokens in each)."""
+        return self.trainers[1:self.config.model_parallel]
 
     def _peers_gather(self) -> list[Any]:
         return [t.gather_weights.remote() for t in self._peers()]

@@ -63,7 +63,7 @@ class TrainWorker:
         self.device = spec.device
         self.rank = spec.rank
         self.data_rank = spec.rank  # which data shard it trains on (Megatron: TP ranks of a replica share one)
-        self.tp_rank = 0  # its part of a model split by tensor parallelism
+        self.shard_rank = 0  # its part of a model split by tensor and expert parallelism (tp + TP x ep)
         self.resumed = bool(spec.resume_from)
         self._update_group: Any = None
         self._buffers: BucketBuffers | None = None
@@ -88,7 +88,7 @@ class TrainWorker:
 
             self.model, group, parallel = megatron.start(c, self.device.name, self.device.dist_backend, torch_device,
                                                          model_dir, self.spec.world_size)
-            self.data_rank, self.tp_rank = megatron.data_rank(parallel), megatron.tp_rank(parallel)
+            self.data_rank, self.shard_rank = megatron.data_rank(parallel), megatron.shard_rank(parallel)
             if c.train.get("kl_coef", 0.0) > 0:
                 reference = megatron.load_megatron_lm(Path(self.spec.model_dir), parallel, c.model.dtype, torch_device)
         else:
@@ -101,7 +101,7 @@ class TrainWorker:
         state: dict[str, Any] = {}
         if self.resumed:
             checkpoint = load_checkpoint(Path(self.spec.resume_from))
-            self.trainer.load_state_dict(load_trainer_shard(checkpoint, self.tp_rank))
+            self.trainer.load_state_dict(load_trainer_shard(checkpoint, self.shard_rank))
             rng = checkpoint.rng.get("ranks", {}).get(str(self.rank), checkpoint.rng)
             self.device.set_rng_state(rng)
             state = checkpoint.state
@@ -143,10 +143,10 @@ class TrainWorker:
 
     def save_checkpoint(self, path: str, state: dict[str, Any], rng: dict[str, Any]) -> None:
         named = self.named_weights()  # (gathered once: a split model's other ranks call gather_weights meanwhile)
-        for tp_rank in range(1, getattr(getattr(self.model, "parallel", None), "tp", 1)):
-            if not shard_path(Path(path), tp_rank).is_file():
-                raise UserError(f"tensor-parallel rank {tp_rank} left no optimizer state at "
-                                f"{shard_path(Path(path), tp_rank)}: the run dir must be on a filesystem every "
+        for rank in range(1, self.config.model_parallel):
+            if not shard_path(Path(path), rank).is_file():
+                raise UserError(f"model-parallel rank {rank} left no optimizer state at "
+                                f"{shard_path(Path(path), rank)}: the run dir must be on a filesystem every "
                                 "trainer node shares")
         save_checkpoint(Path(path), model=self.model, tokenizer=self.tokenizer,
                         trainer_state=self.trainer.state_dict(), rng_state=rng,
@@ -155,8 +155,8 @@ class TrainWorker:
                         weights=dict(named) if hasattr(self.model, "named_hf_weights") else None)
 
     def save_trainer_shard(self, path: str) -> None:
-        """A tensor-parallel rank's optimizer state, left beside the checkpoint rank 0 is about to write."""
-        save_trainer_shard(Path(path), self.tp_rank, self.trainer.state_dict())
+        """A model-parallel rank's optimizer state, left beside the checkpoint rank 0 is about to write."""
+        save_trainer_shard(Path(path), self.shard_rank, self.trainer.state_dict())
 
     def gather_weights(self) -> None:
         """Take part in gathering a split model's weights (rank 0 syncs or saves them)."""

@@ -99,6 +99,8 @@ def moe_spec(model: torch.nn.Module) -> MoeSpec | None:
     text = getattr(config, "text_config", None) or config
     if text is None or not any(int(getattr(text, key, 0) or 0) > 0 for key in EXPERT_KEYS):
         return None
+    if _layers(model) is None:  # not a transformers decoder (Megatron's GPTModel): its routers are its own
+        return None
     found = routers(model)
     if not found:  # served and trained as it is, without routed-expert capture (the trainer refuses replay)
         return None
@@ -108,10 +110,14 @@ def moe_spec(model: torch.nn.Module) -> MoeSpec | None:
                    norm_topk_prob=bool(getattr(first, "norm_topk_prob", getattr(text, "norm_topk_prob", True))))
 
 
-def decoder_layers(model: torch.nn.Module) -> Any:
+def _layers(model: torch.nn.Module) -> Any:
     inner = getattr(model, "model", model)
     inner = getattr(inner, "language_model", inner)
-    layers = getattr(inner, "layers", None)
+    return getattr(inner, "layers", None)
+
+
+def decoder_layers(model: torch.nn.Module) -> Any:
+    layers = _layers(model)
     if layers is None:
         raise UserError(f"{type(model).__name__}: no decoder layers found (model.model.layers)")
     return layers

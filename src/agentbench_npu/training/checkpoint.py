@@ -64,11 +64,11 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, train
                     rng_state: dict[str, Any], state: dict[str, Any],
                     weights: dict[str, torch.Tensor] | None = None) -> Path:
     """`weights`: the model's Hugging Face state dict when the caller already gathered it (a split model).
-    The other tensor-parallel ranks' optimizer states, written beside `path` (shard_path), move in with it."""
-    shards = sorted(path.parent.glob(f".{path.name}.trainer-tp*.pt"))
+    The other model-parallel ranks' optimizer states, written beside `path` (shard_path), move in with it."""
+    shards = sorted(path.parent.glob(f".{path.name}.trainer-rank*.pt"))
     with atomic_directory(path) as tmp:
         for shard in shards:
-            shard.replace(tmp / shard.name.split(".", 2)[-1])  # → trainer-tpN.pt
+            shard.replace(tmp / shard.name.split(".", 2)[-1])  # → trainer-rankN.pt
         if weights is None:
             model.save_pretrained(tmp / "model", safe_serialization=True)
         else:
@@ -83,27 +83,28 @@ def save_checkpoint(path: Path, *, model: torch.nn.Module, tokenizer: Any, train
     return path
 
 
-def shard_path(path: Path, tp_rank: int) -> Path:
-    """Where tensor-parallel rank `tp_rank` (> 0) leaves its optimizer state for the checkpoint `path`."""
-    return path.parent / f".{path.name}.trainer-tp{tp_rank}.pt"
+def shard_path(path: Path, rank: int) -> Path:
+    """Where model-parallel rank `rank` (> 0: a tensor- or expert-parallel part of the model, tp + TP x ep) leaves
+    its optimizer state for the checkpoint `path`."""
+    return path.parent / f".{path.name}.trainer-rank{rank}.pt"
 
 
-def save_trainer_shard(path: Path, tp_rank: int, trainer_state: dict[str, Any]) -> None:
-    target = shard_path(path, tp_rank)
+def save_trainer_shard(path: Path, rank: int, trainer_state: dict[str, Any]) -> None:
+    target = shard_path(path, rank)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     torch.save(trainer_state, partial)
     partial.replace(target)
 
 
-def load_trainer_shard(checkpoint: Checkpoint, tp_rank: int) -> dict[str, Any]:
-    """Tensor-parallel rank `tp_rank`'s optimizer state (rank 0's is `checkpoint.trainer`)."""
-    if tp_rank == 0:
+def load_trainer_shard(checkpoint: Checkpoint, rank: int) -> dict[str, Any]:
+    """Model-parallel rank `rank`'s optimizer state (rank 0's is `checkpoint.trainer`)."""
+    if rank == 0:
         return checkpoint.trainer
-    file = checkpoint.path / f"trainer-tp{tp_rank}.pt"
+    file = checkpoint.path / f"trainer-rank{rank}.pt"
     if not file.is_file():
-        raise UserError(f"checkpoint '{checkpoint.path}' holds no optimizer state for tensor-parallel rank {tp_rank}: "
-                        "resume with the tensor-parallel size it was saved with")
+        raise UserError(f"checkpoint '{checkpoint.path}' holds no optimizer state for model-parallel rank {rank}: "
+                        "resume with the tensor- and expert-parallel sizes it was saved with")
     return torch.load(file, map_location="cpu", weights_only=False)  # listed in the verified manifest
 
 
@@ -156,11 +157,14 @@ def check_resumable(checkpoint: Checkpoint, config: Any) -> None:
                         f"not '{c.scenario}'")
     saved_trainer = checkpoint.state.get("trainer", "torch")
     saved_tp = int(checkpoint.state.get("tensor_parallel", 1))
-    if (saved_trainer, saved_tp) != (c.run.trainer, c.tensor_parallel):
-        split = f" split over tensor parallel {saved_tp}" if saved_trainer == "megatron" else ""
+    saved_ep = int(checkpoint.state.get("expert_parallel", 1))
+    if (saved_trainer, saved_tp, saved_ep) != (c.run.trainer, c.tensor_parallel, c.expert_parallel):
+        split = (f" split over tensor parallel {saved_tp} x expert parallel {saved_ep}"
+                 if saved_trainer == "megatron" else "")
         raise UserError(f"checkpoint '{checkpoint.path}' holds the optimizer state of the {saved_trainer} trainer{split}; "
                         f"resume it with --trainer {saved_trainer}"
-                        + (f" --set megatron.tensor_parallel={saved_tp}" if saved_trainer == "megatron" else ""))
+                        + (f" --set megatron.tensor_parallel={saved_tp} --set megatron.expert_parallel={saved_ep}"
+                           if saved_trainer == "megatron" else ""))
     saved_ranks = int(checkpoint.state.get("train_ranks", 1))
     if saved_ranks != c.cluster.train_devices:
         raise UserError(f"checkpoint '{checkpoint.path}' was saved by {saved_ranks} trainer rank(s); "

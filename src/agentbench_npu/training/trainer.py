@@ -13,6 +13,7 @@ A minibatch whose loss or gradients are not finite is not applied (its optimizer
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -20,10 +21,16 @@ from typing import Any, Sequence
 import torch
 
 from ..engines.sampling import sampling_logprobs
-from ..models.moe import RoutingError, RoutingStats, checkpoint_is_moe, moe_spec, routing
+from ..models.moe import (
+    RoutingError,
+    RoutingStats,
+    checkpoint_is_moe,
+    moe_spec,
+    routing,
+)
 from ..types import Trajectory
+from .batch import PackedBatch, even_rows, pack, rows_of
 from .losses import group_advantages, k3, ppo_clip_loss
-
 
 LOGP_FLOOR = -1e4  # stands in for -inf where a trainable token fell outside the truncated distribution
 
@@ -52,62 +59,6 @@ class TrainConfig:
     top_k: int = -1
 
 
-@dataclass
-class PackedBatch:
-    """Right-padded token ids and, for each predicting position, the response-token bookkeeping."""
-
-    input_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, L]
-    targets: torch.Tensor  # [B, L-1] token predicted at each position
-    response_mask: torch.Tensor  # [B, L-1] 1 where the target is a response token
-    loss_mask: torch.Tensor  # [B, L-1] 1 where the target is trainable
-    rollout_logprobs: torch.Tensor  # [B, L-1]
-    advantages: torch.Tensor  # [B] per trajectory
-    routes: torch.Tensor | None = None  # [B, L, num_layers, top_k] the engine's recorded experts (MoE)
-    route_mask: torch.Tensor | None = None  # [B, L] True where a position has a recorded route
-
-
-def pack(trajs: Sequence[Trajectory], advantages: Sequence[float], pad_id: int, device: torch.device) -> PackedBatch:
-    width = max(len(t.tokens) for t in trajs)
-    b = len(trajs)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.long)
-    resp = torch.zeros((b, width - 1))
-    loss = torch.zeros((b, width - 1))
-    rollout = torch.zeros((b, width - 1))
-    routes = route_mask = None
-    recorded = [t.routed_experts for t in trajs if t.routed_experts is not None]
-    if recorded:
-        routes = torch.full((b, width, *recorded[0].shape[1:]), -1, dtype=torch.int32)
-        route_mask = torch.zeros((b, width), dtype=torch.bool)
-    for i, t in enumerate(trajs):
-        n, p, r = len(t.tokens), len(t.prompt_ids), t.response_length
-        if routes is not None and t.routed_experts is not None:
-            k = t.routed_experts.shape[0]
-            if k > n - 1 or tuple(t.routed_experts.shape[1:]) != tuple(routes.shape[2:]):
-                raise RoutingError(f"task {t.task_id}: recorded routes {tuple(t.routed_experts.shape)} do not fit "
-                                   f"{n} tokens of a batch routed as {tuple(routes.shape[2:])}")
-            routes[i, :k] = t.routed_experts
-            route_mask[i, :k] = True
-        ids[i, :n] = torch.tensor(t.tokens)
-        attn[i, :n] = 1
-        # position p-1 predicts the first response token
-        resp[i, p - 1:p - 1 + r] = 1
-        loss[i, p - 1:p - 1 + r] = torch.tensor(t.loss_mask, dtype=torch.float32)
-        rollout[i, p - 1:p - 1 + r] = torch.tensor(t.rollout_logprobs, dtype=torch.float32)
-    return PackedBatch(
-        input_ids=ids.to(device), attention_mask=attn.to(device), targets=ids[:, 1:].to(device),
-        response_mask=resp.to(device), loss_mask=loss.to(device), rollout_logprobs=rollout.to(device),
-        advantages=torch.tensor(list(advantages), dtype=torch.float32, device=device),
-        routes=routes, route_mask=route_mask,
-    )
-
-
-def _slice(batch: PackedBatch, rows: slice) -> PackedBatch:
-    return PackedBatch(*(None if getattr(batch, f) is None else getattr(batch, f)[rows]
-                         for f in PackedBatch.__dataclass_fields__))
-
-
 class Trainer:
     def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device, pad_id: int,
                  process_group: Any = None, reference: torch.nn.Module | None = None):
@@ -127,6 +78,15 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
         )
         self.moe = moe_spec(model)
+        # a model that observes its own routers (Megatron's: training/megatron/routing.py) gives statistics only
+        self.observe = getattr(model, "observe_routing", None) if self.moe is None else None
+        if self.observe is not None:
+            self.moe = model.routing_spec
+            if self.moe is None:
+                self.observe = None
+            elif config.routing_replay:
+                raise RoutingError(f"train.routing_replay: {type(model).__name__} routes with its own routers, which "
+                                   "this harness observes but does not replay; use the torch trainer for R3")
         if config.routing_replay and self.moe is None:
             why = ("has no router this harness can hook (softmax top-k routers returning (logits, weights, indices), "
                    "as transformers' Qwen3-MoE)" if checkpoint_is_moe(model.config.to_dict()) else "is dense")
@@ -143,6 +103,9 @@ class Trainer:
         unless `replay` says otherwise; `stats` collects what the routers did)."""
         if self.moe is None:
             return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        if self.observe is not None:
+            with self.observe(batch.attention_mask, stats) if stats is not None else contextlib.nullcontext():
+                return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         replay = self.config.routing_replay if replay is None else replay
         recorded = use = None
         if batch.routes is not None:
@@ -192,7 +155,7 @@ class Trainer:
         parts = []
         mbs = self.config.micro_batch_size
         for start in range(0, batch.input_ids.shape[0], mbs):
-            parts.append(self._logprobs(model, _slice(batch, slice(start, start + mbs)), truncate=truncate,
+            parts.append(self._logprobs(model, rows_of(batch, slice(start, start + mbs)), truncate=truncate,
                                         replay=replay, stats=stats)["logp"])
         model.train(was_training)
         return torch.cat(parts)
@@ -217,7 +180,8 @@ class Trainer:
         return t.tolist()
 
     def _reduce_gradients(self) -> None:
-        """Sum gradients over ranks (each rank's loss is already divided by the global token count)."""
+        """Sum gradients over ranks (each rank's loss is already divided by the global token count). A model split
+        over ranks says which group sums which of its parameters (Megatron: experts over expert-data-parallel)."""
         if self.group is None:
             return
         import torch.distributed as dist
@@ -226,11 +190,16 @@ class Trainer:
         for p in self.model.parameters():  # a rank with an empty minibatch still sends a full (zero) buffer
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.group)
-        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-            grad.copy_(reduced)
+        split = getattr(self.model, "gradient_groups", None)
+        trained = [p for p in self.model.parameters() if p.grad is not None]
+        for group, params in (split(self.group) if split is not None else [(self.group, trained)]):
+            grads = [p.grad for p in params if p.grad is not None]
+            if group is None or not grads:
+                continue
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, trajs: Sequence[Trajectory]) -> dict[str, Any]:
@@ -253,13 +222,16 @@ class Trainer:
             order = torch.randperm(len(trajs)).tolist()
             trajs, adv = [trajs[i] for i in order], [adv[i] for i in order]
         batch = pack(trajs, adv, self.pad_id, self.device)
+        if getattr(self.model, "lockstep", False):  # ranks that run every forward together need as many rows
+            batch = even_rows(batch, int(self._all_reduce([float(len(trajs))], op="max")[0]), self.pad_id)
         routing_stats = RoutingStats(self.moe.num_experts, self.moe.top_k) if self.moe is not None else None
         old_logp = self.recompute_logprobs(batch, stats=routing_stats)
         # the reference case of the routing comparison, with the same weights (before this step's updates)
         other_logp = other_stats = None
         # decided alike on every data-parallel rank (each joins the same collectives), even one whose shard
         # holds no recorded route: its comparison pass then simply routes on its own both ways
-        if routing_stats is not None and c.routing_compare and self._any_rank(batch.routes is not None):
+        if (routing_stats is not None and c.routing_compare and self.observe is None
+                and self._any_rank(batch.routes is not None)):
             # with replay on, the route agreement is read here: how often the trainer's router, left to itself
             # over its own hidden states, picks the engine's experts
             other_stats = RoutingStats(self.moe.num_experts, self.moe.top_k) if c.routing_replay else None
@@ -281,7 +253,7 @@ class Trainer:
         ref_logp = self.recompute_logprobs(batch, self.ref_model, truncate=False) if self.ref_model is not None else None
 
         self.model.train()
-        n = len(trajs)
+        n = batch.input_ids.shape[0]
         k = max(1, c.num_minibatches)
         sums = {"loss": 0.0, "entropy": 0.0, "ref_kl": 0.0, "ppo_kl": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         updates = 0
@@ -295,7 +267,7 @@ class Trainer:
             stats = {k: 0.0 for k in sums if k != "grad_norm"}
             for start in range(mb_rows.start, mb_rows.stop, c.micro_batch_size):
                 rows = slice(start, min(mb_rows.stop, start + c.micro_batch_size))
-                micro = _slice(batch, rows)
+                micro = rows_of(batch, rows)
                 m = micro.loss_mask
                 out = self._logprobs(self.model, micro, with_entropy=True, with_full=ref_logp is not None)
                 logp, entropy = out["logp"], out["entropy"]
@@ -350,7 +322,7 @@ class Trainer:
             "logprob_worst_token": worst,
             "trainable_tokens": int(mask.sum()),
             "lr": float(self.scheduler.get_last_lr()[0]),
-            "advantage_abs_mean": float(batch.advantages.abs().mean()),
+            "advantage_abs_mean": float(batch.advantages[:len(trajs)].abs().mean()),
         }
 
     def _any_rank(self, flag: bool) -> bool:

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
-from ...errors import ConfigError, UserError
+from ...errors import UserError
 from .config import Parallel, require_megatron, transformer_config
-from .convert import layout_from_hf
 from .model import MegatronCausalLM, initialize, load_megatron_lm
 
 CPU_TESTED = "0.12."  # the megatron-core line whose CUDA-only calls run_on_cpu knows
@@ -39,9 +38,6 @@ def preflight(config: Any, device_name: str, model_dir: Path, world_size: int) -
     """What can be refused before any worker starts: the extra, the model on this device, the split of it."""
     require_megatron(device_name)
     hf = json.loads((model_dir / "config.json").read_text())
-    if device_name == "cpu" and layout_from_hf(hf).num_experts:
-        raise ConfigError("the Megatron trainer on the CPU runs dense models (megatron-core's MoE aux-loss "
-                          "tracker is CUDA-only); train MoE models with it on cuda or npu")
     transformer_config(hf, parallel_for(config, world_size))  # TP must divide the heads, EP the experts
 
 
@@ -75,10 +71,14 @@ def data_rank(parallel: Parallel) -> int:
     return parallel_state.get_data_parallel_rank() if parallel.dp > 1 else 0
 
 
-def tp_rank(parallel: Parallel) -> int:
-    from megatron.core import parallel_state
+def shard_rank(parallel: Parallel) -> int:
+    """This rank's part of the model (its optimizer state's file in a checkpoint): tp + TP x ep, which is its
+    global rank among the first TP x EP ranks (Megatron orders ranks TP first, then EP)."""
+    from megatron.core import parallel_state as ps
 
-    return parallel_state.get_tensor_model_parallel_rank() if parallel.tp > 1 else 0
+    tp = ps.get_tensor_model_parallel_rank() if parallel.tp > 1 else 0
+    ep = ps.get_expert_model_parallel_rank() if parallel.ep > 1 else 0
+    return tp + parallel.tp * ep
 
 
 def stop() -> None:

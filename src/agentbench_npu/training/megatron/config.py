@@ -87,8 +87,10 @@ def transformer_config(hf: Mapping[str, Any], parallel: Parallel, dtype: str = "
             "moe_router_topk": int(text["num_experts_per_tok"]),
             "moe_ffn_hidden_size": int(text["moe_intermediate_size"]),
             "moe_router_pre_softmax": not bool(text.get("norm_topk_prob", True)),  # softmax over the top-k only
-            "moe_router_load_balancing_type": "aux_loss",
-            "moe_aux_loss_coeff": float(text.get("router_aux_loss_coef", 0.001)),
+            # no load-balancing loss: the GRPO objective is the torch trainer's, which adds none (and Megatron's
+            # aux-loss tracker is CUDA-only)
+            "moe_router_load_balancing_type": "none",
+            "moe_aux_loss_coeff": 0.0,
             "moe_grouped_gemm": False,  # sequential experts: the names convert.py maps
         })
     return out

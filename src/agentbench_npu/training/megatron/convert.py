@@ -235,7 +235,10 @@ def check_parallelism(layout: Layout, *, tp: int, pp: int, ep: int) -> None:
                         f"key/value heads ({layout.num_kv_heads})")
     if layout.num_layers % pp:
         problems.append(f"pipeline parallel size {pp} must divide the layers ({layout.num_layers})")
-    if ep > 1 and (not layout.num_experts or layout.num_experts % ep):
+    if ep > 1 and not layout.num_experts:
+        problems.append(f"expert parallel size {ep} splits the experts of a mixture-of-experts model, and this one "
+                        "is dense: use 1")
+    elif ep > 1 and layout.num_experts % ep:
         problems.append(f"expert parallel size {ep} must divide the experts ({layout.num_experts})")
     if problems:
         raise ValueError("; ".join(problems))

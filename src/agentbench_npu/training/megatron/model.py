@@ -4,7 +4,9 @@
     build(hf_config, parallel, ...)      this rank's GPTModel, its weights loaded from the HF state dict
     MegatronCausalLM                     that model behind the interface the GRPO trainer and the checkpoint
                                          code use: `model(input_ids=..., attention_mask=...).logits`,
-                                         `hf_state_dict()` (gathered over TP and EP), `save_pretrained(dir)`
+                                         `hf_state_dict()` (gathered over TP and EP), `save_pretrained(dir)`,
+                                         and the hooks the trainer asks a split model for: `finish_gradients`,
+                                         `gradient_groups`, `clip_grad_norm_`, `lockstep`, `observe_routing`
 
 The layer spec is Transformer Engine's where it is installed (fused norms, sequence parallelism with TP) and
 Megatron-core's local one elsewhere: the local spec's torch norms take no sequence parallelism, so with it
@@ -14,17 +16,20 @@ Pipeline parallelism needs Megatron's pipeline schedule, which this wrapper does
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from ...errors import ConfigError
+from ...models.experts import fuse_experts, split_experts, transformers_weight_names
 from .config import Parallel, model_options, require_megatron, transformer_config
 from .convert import Layout, Shards, hf_to_megatron, layout_from_hf, megatron_to_hf
+from .routing import observed, routing_spec
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -134,18 +139,53 @@ class MegatronCausalLM(torch.nn.Module):
         self.hf_config = dict(hf)
         rest = {k: v for k, v in hf.items() if k not in ("model_type", "transformers_version")}
         self.config = AutoConfig.for_model(str(hf["model_type"]), **rest)
+        self._held: set[str] | None = None  # the names the transformers model holds (experts fused or not)
+        self._observe: tuple[torch.Tensor, Any] | None = None  # (valid tokens, RoutingStats) while observing
+        self.routing_spec = routing_spec(gpt, layout)  # None when dense
+
+    @contextlib.contextmanager
+    def observe_routing(self, valid: torch.Tensor, stats: Any) -> Iterator[None]:
+        """Add what the routers do in the forwards inside the block to `stats` (models/moe.RoutingStats), over the
+        tokens `valid` [batch, seq] marks (routing.py)."""
+        self._observe = (valid, stats)
+        try:
+            yield
+        finally:
+            self._observe = None
+
+    @property
+    def lockstep(self) -> bool:
+        """Whether this rank's forwards exchange tokens with other data ranks (experts split over EP ranks): then
+        every EP rank must run every forward, with as many rows (the trainer evens them out, `even_rows`)."""
+        return bool(self.layout.num_experts) and self.parallel.ep > 1
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: Any) -> _Output:
         """Logits [batch, seq, vocab] for right-padded rows (pads only ever follow the tokens that matter, so
         a causal mask is the whole mask)."""
         b, n = input_ids.shape
+        rows, width = (b, n) if not self.lockstep else self._agreed_shape(b, n)
         split = self.parallel.tp if self.gpt.config.sequence_parallel else 1
-        width = -(-n // split) * split  # sequence parallelism splits the sequence over TP ranks: pad to fit
-        if width != n:  # padding after the last token changes nothing before it (causal)
-            input_ids = torch.nn.functional.pad(input_ids, (0, width - n))
-        positions = torch.arange(width, device=input_ids.device).expand(b, width)
+        width = -(-width // split) * split  # sequence parallelism splits the sequence over TP ranks: pad to fit
+        if (rows, width) != (b, n):  # padding after the last token changes nothing before it (causal)
+            input_ids = torch.nn.functional.pad(input_ids, (0, width - n, 0, rows - b))
+        positions = torch.arange(width, device=input_ids.device).expand(rows, width)
         causal = torch.ones(width, width, dtype=torch.bool, device=input_ids.device).triu(1)[None, None]  # True = hidden
-        return _Output(self.gpt(input_ids, positions, attention_mask=causal)[:, :n])
+        watch: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self._observe is not None:
+            valid = torch.nn.functional.pad(self._observe[0].bool(), (0, width - n, 0, rows - b), value=False)
+            watch = observed(self.gpt, valid, self._observe[1], tp_rank=_tp_rank(), tp=self.parallel.tp)
+        with watch:
+            return _Output(self.gpt(input_ids, positions, attention_mask=causal)[:b, :n])
+
+    def _agreed_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """The largest (rows, width) of this forward over the EP group: Megatron's token dispatcher gathers the
+        tokens of every EP rank in tensors of one shape."""
+        from megatron.core import parallel_state as ps
+
+        shape = torch.tensor([rows, width], dtype=torch.long, device=self.gpt.embedding.word_embeddings.weight.device)
+        torch.distributed.all_reduce(shape, op=torch.distributed.ReduceOp.MAX,
+                                     group=ps.get_expert_model_parallel_group())
+        return int(shape[0]), int(shape[1])
 
     def finish_gradients(self) -> None:
         """Sum over the TP ranks the gradients that each rank holds only a part of: the q/k layernorms (shared
@@ -166,21 +206,37 @@ class MegatronCausalLM(torch.nn.Module):
             for grad, summed in zip(grads, _unflatten_dense_tensors(flat, grads)):
                 grad.copy_(summed)
 
+    def gradient_groups(self, data_parallel: Any) -> list[tuple[Any, list[torch.nn.Parameter]]]:
+        """Which group sums which gradients across data ranks: the dense parameters over the data-parallel group,
+        the experts over the ranks holding the same experts (expert-data-parallel; none when EP spans every data
+        rank). Megatron marks its experts `allreduce = False`."""
+        from megatron.core import parallel_state as ps
+
+        dense = [p for p in self.gpt.parameters() if getattr(p, "allreduce", True)]
+        experts = [p for p in self.gpt.parameters() if not getattr(p, "allreduce", True)]
+        expert_group = ps.get_expert_data_parallel_group() if ps.get_expert_data_parallel_world_size() > 1 else None
+        return [(data_parallel, dense), (expert_group if experts else None, experts)]
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradients so that the whole model's norm is at most `max_norm`; returns the norm before.
-        Each TP rank counts its shards and, once over the ranks, the tensors they all hold."""
-        from megatron.core import parallel_state
+        Each TP rank counts its shards and, once over the ranks, the tensors they all hold; each EP rank its
+        experts."""
+        from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
         grads = [p.grad for p in self.gpt.parameters() if p.grad is not None]
         if not grads:
             return torch.zeros(())
-        counted = [p.grad for p in self.gpt.parameters()
-                   if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
-        square = sum((g.detach().float().pow(2).sum() for g in counted), torch.zeros((), device=grads[0].device))
+        zero = torch.zeros((), device=grads[0].device)
+        squares = {"dense": zero.clone(), "experts": zero.clone()}
+        for p in self.gpt.parameters():
+            if p.grad is not None and param_is_not_tensor_parallel_duplicate(p):
+                squares["dense" if getattr(p, "allreduce", True) else "experts"] += p.grad.detach().float().pow(2).sum()
         if self.parallel.tp > 1:
-            torch.distributed.all_reduce(square, group=parallel_state.get_tensor_model_parallel_group())
-        norm = square.sqrt()
+            torch.distributed.all_reduce(squares["dense"], group=ps.get_tensor_model_parallel_group())
+        if self.layout.num_experts and ps.get_expert_tensor_and_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(squares["experts"], group=ps.get_expert_tensor_and_model_parallel_group())
+        norm = (squares["dense"] + squares["experts"]).sqrt()
         scale = max_norm / (norm + 1e-6)
         if torch.isfinite(norm) and scale < 1:
             for g in grads:
@@ -211,7 +267,11 @@ class MegatronCausalLM(torch.nn.Module):
         return shards
 
     def named_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
-        return list(self.hf_state_dict().items())
+        """The gathered weights under the names the transformers model holds them by (what the torch trainer syncs
+        and checksums): a MoE layer's experts fused where transformers fuses them (models/experts.py)."""
+        if self._held is None:
+            self._held = transformers_weight_names(self.config) if self.layout.num_experts else set()
+        return fuse_experts(self.hf_state_dict().items(), self._held)
 
     def save_pretrained(self, path: str | Path, state_dict: Mapping[str, torch.Tensor] | None = None,
                         **_: Any) -> None:
@@ -219,13 +279,19 @@ class MegatronCausalLM(torch.nn.Module):
         the model gathers it, and the first writes."""
         from safetensors.torch import save_file
 
-        state = self.hf_state_dict() if state_dict is None else state_dict
+        state = self.hf_state_dict() if state_dict is None else dict(split_experts(state_dict.items()))
         if state_dict is None and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "config.json").write_text(json.dumps(self.hf_config, indent=2))
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(path / "model.safetensors"))
+
+
+def _tp_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_rank()
 
 
 def _all_gather(tensor: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
