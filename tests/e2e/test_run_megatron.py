@@ -102,6 +102,8 @@ def test_tensor_parallel_ranks_that_skip_summing_their_norm_gradients_are_caught
     (["--set", "megatron.expert_parallel=2"], "megatron.expert_parallel (2) must divide the data-parallel size (1"),
     (["--executor", "ray", "--train-devices", "2", "--set", "megatron.expert_parallel=2"],
      "expert parallel size 2 splits the experts of a mixture-of-experts model, and this one is dense"),
+    (["--model", "tiny-moe", "--executor", "ray", "--train-devices", "2", "--set", "megatron.tensor_parallel=2"],
+     "trains only with sequence parallelism, which needs Transformer Engine (not installed)"),
 ])
 def test_splits_and_models_it_cannot_run_are_refused_in_one_line(cli, tmp_path, args, message):
     proc = cli("run", "base", "--trainer", "megatron", *args, "--steps", "1", "--out", str(tmp_path / "r"))

@@ -89,11 +89,13 @@ def test_megatron_computes_the_logits_transformers_does_and_gives_the_checkpoint
     hf_model, saved = _reference(name)
     with torch.no_grad():
         expected = hf_model(TOKENS).logits
-    for rank, (logits, exported) in enumerate(spawn_ranks(world, logits_and_export, name, tp, ep, world)):
+    results = spawn_ranks(world, logits_and_export, name, tp, ep, world)
+    for rank, (logits, _) in enumerate(results):
         assert (logits - expected).abs().max() < 1e-5, f"rank {rank}"
-        assert set(exported) == set(saved)
-        for key, tensor in saved.items():
-            assert torch.equal(exported[key], tensor), f"rank {rank}: {key}"
+    exported = results[0][1]  # gathered on the first rank only: the others send their parts
+    assert set(exported) == set(saved) and all(not other for _, other in results[1:])
+    for key, tensor in saved.items():
+        assert torch.equal(exported[key], tensor), key
 
 
 @pytest.mark.parametrize("name, tp, ep, world", [("tiny", 1, 1, 1), ("tiny", 2, 1, 2), ("tiny-moe", 1, 1, 1),
@@ -109,16 +111,39 @@ def test_a_gradient_step_through_megatron_moves_the_weights_as_in_transformers(n
             p -= 0.5 * p.grad
     hf_model.save_pretrained(tmp_path)  # under the checkpoint's names (transformers fuses experts in memory)
     expected = load_file(str(tmp_path / "model.safetensors"))
-    for rank, (stepped, norm) in enumerate(spawn_ranks(world, one_sgd_step, name, tp, ep, world)):
+    results = spawn_ranks(world, one_sgd_step, name, tp, ep, world)
+    for rank, (_, norm) in enumerate(results):
         # each TP rank counts its shards and the replicated tensors once, each EP rank its experts: the same
         # norm as the unsplit model's
         assert norm == pytest.approx(hf_norm, rel=1e-5), f"rank {rank}"
-        assert set(stepped) == set(saved)
-        worst = max((stepped[k] - v).abs().max().item() for k, v in expected.items())
-        assert worst < 1e-5, f"rank {rank}: weights differ by {worst}"
-        # and the step moved them (every expert too): comparing untouched weights would pass trivially
-        unmoved = [k for k, v in saved.items() if torch.equal(stepped[k], v) and k in expected]
-        assert not unmoved, f"rank {rank}: {unmoved[:3]} did not move"
+    stepped = results[0][0]
+    assert set(stepped) == set(saved)
+    worst = max((stepped[k] - v).abs().max().item() for k, v in expected.items())
+    assert worst < 1e-5, f"weights differ by {worst}"
+    # and the step moved them (every expert too): comparing untouched weights would pass trivially
+    unmoved = [k for k, v in saved.items() if torch.equal(stepped[k], v) and k in expected]
+    assert not unmoved, f"{unmoved[:3]} did not move"
+
+
+def checksums_before_and_after_drift(rank: int, name: str, tp: int, ep: int, world: int) -> tuple[str, str]:
+    model = _megatron(name, tp, ep, world)
+    before = model.shard_checksum()
+    if rank == world - 1:  # the last rank's copy of a replicated tensor drifts
+        with torch.no_grad():
+            model.gpt.decoder.final_layernorm.weight.add_(1e-3)
+    return before, model.shard_checksum()
+
+
+@pytest.mark.parametrize("name, tp, ep, world", [("tiny", 1, 1, 2), ("tiny", 2, 1, 2), ("tiny-moe", 1, 2, 2)])
+def test_the_shard_checksum_agrees_across_ranks_in_step_and_catches_a_drifted_replica(name, tp, ep, world):
+    results = spawn_ranks(world, checksums_before_and_after_drift, name, tp, ep, world)
+    befores = {before for before, _ in results}
+    assert len(befores) == 1  # data-parallel replicas, TP peers and EP peers in step: one digest
+    after_first, after_last = results[0][1], results[-1][1]
+    if tp > 1:  # TP peers share digests: the drifted tensor is one they all should hold alike, and all see it
+        assert after_first == after_last != results[0][0]
+    else:  # a replica (DP, or EP peers' dense layers) drifted on its own: its digest leaves the others'
+        assert after_first == results[0][0] and after_last != after_first
 
 
 def test_a_checkpoint_megatron_does_not_hold_is_refused_naming_the_tensors(tmp_path):

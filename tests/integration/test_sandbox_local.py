@@ -84,6 +84,27 @@ def test_an_exec_sent_while_its_uid_is_being_reaped_waits_for_the_reaper_instead
     assert asyncio.run(scenario()) == [("ok", "1")] * 40
 
 
+def test_a_reap_asked_for_after_an_exec_was_sent_stops_it_even_while_it_waits_for_an_earlier_reaper(
+        provider: LocalSandboxProvider):
+    # the exec may wait for the first reaper (its uid is being cleared); the second reap must still stop it,
+    # or an exec whose deadline passed while it waited would start afterwards and never be stopped
+    async def scenario() -> list[str]:
+        async with provider.sandbox() as box:
+            if box.uid is None:
+                pytest.skip("sandboxes share the runner's uid (not root): no per-uid reaper")
+            assert provider.link is not None
+            statuses = []
+            for _ in range(20):
+                provider.link.reap(box.uid)
+                running = asyncio.ensure_future(box.exec(["sleep", "30"]))
+                await asyncio.sleep(0)  # the exec's request is queued before the second reap's
+                await asyncio.wrap_future(provider.link.reap(box.uid))
+                statuses.append((await running).status)
+            return statuses
+
+    assert asyncio.run(scenario()) == ["killed"] * 20
+
+
 def test_closing_the_provider_mid_exec_fails_the_exec_and_leaves_no_process_and_no_directory():
     provider = LocalSandboxProvider(LIMITS.replace(wall_seconds=30), {"uid_base": CLOSE_UID_BASE, "slots": 8})
 

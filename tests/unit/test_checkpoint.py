@@ -210,6 +210,15 @@ def test_model_parallel_ranks_optimizer_states_move_into_the_checkpoint_and_back
         load_trainer_shard(checkpoint, 2)
 
 
+def test_a_tensor_parallel_checkpoint_saved_before_expert_parallelism_still_resumes(tiny, tmp_path):
+    from agentbench_npu.training.checkpoint import load_trainer_shard
+
+    path = tmp_path / "step-000002"
+    save(tiny, path, 2)
+    torch.save({"optimizer": "rank 1's moments"}, path / "trainer-tp1.pt")  # the earlier name of rank 1's file
+    assert load_trainer_shard(load_checkpoint(path), 1) == {"optimizer": "rank 1's moments"}
+
+
 def test_a_checkpoint_resumes_only_with_the_trainer_and_split_that_saved_it(tiny, tmp_path):
     from agentbench_npu.config import resolve
     from agentbench_npu.recipes import Layer

@@ -120,7 +120,10 @@ class TrainWorker:
         return self.trainer.logprobs_for(trajs)
 
     def checksum(self) -> str:
-        return weights_checksum(self.named_weights())
+        """This rank's weights digest, for the ranks gate; a model split over ranks digests its shards where they
+        are (every rank of it calls this together) instead of gathering the whole model on every rank."""
+        shards = getattr(self.model, "shard_checksum", None)
+        return shards() if shards is not None else weights_checksum(self.named_weights())
 
     def named_weights(self) -> list[tuple[str, torch.Tensor]]:
         return named_weights(self.model)

@@ -13,7 +13,8 @@ rlimits on address space, CPU time, processes, file size, open files and core du
 dropped and uid/gid set to the slot's unprivileged ids, which drops every capability; the environment
 replaced; all inherited fds above 2 closed.
 When a child exits, every process left under its uid is killed before `exited` is sent, so nothing it
-started in the background outlives the exec. The worker is a child subreaper, so orphans come back to it
+started in the background outlives the exec. A run that arrives while its uid is being cleared waits until
+the clearing ends (the reaper's kill(-1) would kill it too); a reap asked for meanwhile cancels it. The worker is a child subreaper, so orphans come back to it
 and are reaped rather than left as zombies.
 """
 
@@ -254,6 +255,11 @@ class Worker:
             else:
                 self.start(req, fds)
         elif op == "reap":  # stop everything under a uid (or a process group) now; say when it is done
+            for waiting, waiting_fds in self.deferred.pop(req.get("uid"), []):
+                self.cancel(waiting, waiting_fds)  # sent before this request: it counts as running, and is stopped
+            for pid, running in self.running.items():  # a child may not have taken its uid yet: kill(-1) misses it
+                if req.get("uid") is not None and running.get("uid") == req["uid"]:
+                    os.kill(pid, signal.SIGKILL)
             pgid = req.get("pgid")
             if pgid is not None and pgid not in self.running:
                 pgid = None  # already reaped: its pid may belong to someone else by now
@@ -269,6 +275,12 @@ class Worker:
             os.close(fd)
         self.running[pid] = req
         self.send({"op": "started", "id": req["id"], "pid": pid})
+
+    def cancel(self, req, fds):
+        """A deferred run that is stopped before it started: it ends as if killed (SIGKILL)."""
+        for fd in fds:
+            os.close(fd)
+        self.send({"op": "exited", "id": req["id"], "status": signal.SIGKILL, "cpu": 0.0, "maxrss_kb": 0})
 
     def reap(self, uid, pgid, finished):
         """Kill every process of `uid` (from a child that takes that uid), or the group `pgid`; send

@@ -102,6 +102,9 @@ def load_trainer_shard(checkpoint: Checkpoint, rank: int) -> dict[str, Any]:
     if rank == 0:
         return checkpoint.trainer
     file = checkpoint.path / f"trainer-rank{rank}.pt"
+    earlier = checkpoint.path / f"trainer-tp{rank}.pt"  # as saved before expert parallelism: rank = tp rank
+    if not file.is_file() and earlier.is_file() and int(checkpoint.state.get("expert_parallel", 1)) == 1:
+        file = earlier
     if not file.is_file():
         raise UserError(f"checkpoint '{checkpoint.path}' holds no optimizer state for model-parallel rank {rank}: "
                         "resume with the tensor- and expert-parallel sizes it was saved with")

@@ -5,8 +5,8 @@ transformers model, asks it to finish its gradients (the TP reductions Megatron'
 them over the data-parallel group Megatron defines.
 
 megatron-core targets CUDA (and Ascend through MindSpeed). On the CPU — the tiny profile on a laptop, the
-tests — two of its CUDA-only calls that a dense forward reaches are pointed at the CPU (`run_on_cpu`); on
-cuda and npu nothing is patched.
+tests — two of its CUDA-only calls on the forward path are pointed at the CPU (`run_on_cpu`); on cuda and npu
+nothing is patched.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from ...errors import UserError
 from .config import Parallel, require_megatron, transformer_config
-from .model import MegatronCausalLM, initialize, load_megatron_lm
+from .model import MegatronCausalLM, check_split, initialize, load_megatron_lm
 
 CPU_TESTED = "0.12."  # the megatron-core line whose CUDA-only calls run_on_cpu knows
 
@@ -38,7 +38,9 @@ def preflight(config: Any, device_name: str, model_dir: Path, world_size: int) -
     """What can be refused before any worker starts: the extra, the model on this device, the split of it."""
     require_megatron(device_name)
     hf = json.loads((model_dir / "config.json").read_text())
-    transformer_config(hf, parallel_for(config, world_size))  # TP must divide the heads, EP the experts
+    parallel = parallel_for(config, world_size)
+    transformer_config(hf, parallel)  # TP must divide the heads, EP the experts
+    check_split(hf, parallel)
 
 
 def start(config: Any, device_name: str, dist_backend: str, torch_device: torch.device, model_dir: Path,

@@ -10,13 +10,14 @@
 
 The layer spec is Transformer Engine's where it is installed (fused norms, sequence parallelism with TP) and
 Megatron-core's local one elsewhere: the local spec's torch norms take no sequence parallelism, so with it
-MoE layers cannot combine TP and EP (Megatron requires sequence parallelism for that) and we refuse it.
+MoE models cannot train with TP > 1 (Megatron's MoE layer requires sequence parallelism then) and we refuse it.
 Pipeline parallelism needs Megatron's pipeline schedule, which this wrapper does not drive: pp must be 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 from dataclasses import replace
@@ -27,6 +28,7 @@ import torch
 
 from ...errors import ConfigError
 from ...models.experts import fuse_experts, split_experts, transformers_weight_names
+from ...sync.checksum import weights_checksum
 from .config import Parallel, model_options, require_megatron, transformer_config
 from .convert import Layout, Shards, hf_to_megatron, layout_from_hf, megatron_to_hf
 from .routing import observed, routing_spec
@@ -52,6 +54,15 @@ def initialize(parallel: Parallel, device: str = "cuda", seed: int = 0) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def check_split(hf: Mapping[str, Any], parallel: Parallel) -> None:
+    """Refuse what Megatron-core cannot train with the layer spec at hand: its MoE layer trains with TP > 1 only
+    under sequence parallelism, which the local spec (no Transformer Engine) lacks."""
+    if layout_from_hf(hf).num_experts and parallel.tp > 1 and not has_transformer_engine():
+        raise ConfigError("a mixture-of-experts model with megatron.tensor_parallel > 1 trains only with sequence "
+                          "parallelism, which needs Transformer Engine (not installed): use tensor_parallel 1 and "
+                          "split the experts with megatron.expert_parallel")
+
+
 def _spec_and_layout(hf: Mapping[str, Any], parallel: Parallel, fused: bool) -> tuple[Any, Layout]:
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
@@ -61,9 +72,7 @@ def _spec_and_layout(hf: Mapping[str, Any], parallel: Parallel, fused: bool) -> 
         spec = specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=experts, moe_grouped_gemm=False, qk_layernorm=layout.qk_norm)
     else:
-        if experts and parallel.tp > 1 and parallel.ep > 1:
-            raise ConfigError("an MoE model with tensor parallel > 1 and expert parallel > 1 needs sequence "
-                              "parallelism, which needs Transformer Engine (not installed): set one of them to 1")
+        check_split(hf, parallel)
         spec = specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
                                               qk_layernorm=layout.qk_norm, normalization="RMSNorm")
     return spec, layout
@@ -244,27 +253,61 @@ class MegatronCausalLM(torch.nn.Module):
         return norm
 
     # -- back to Hugging Face ---------------------------------------------------------------------------
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model under Hugging Face names, gathered from every TP and EP rank (on every rank) into host
-        memory: one tensor at a time passes through the device, the whole model never does."""
-        return megatron_to_hf(self._gathered_shards(), self.layout)
+    @property
+    def first_rank(self) -> bool:
+        """Whether this rank is the first of the TP x EP ranks holding one model between them: the one that
+        receives the gathered weights (trainer rank 0 for replica 0)."""
+        from megatron.core import parallel_state as ps
 
-    def _gathered_shards(self) -> Shards:
+        return ((self.parallel.tp == 1 or ps.get_tensor_model_parallel_rank() == 0)
+                and (self.parallel.ep == 1 or ps.get_expert_model_parallel_rank() == 0))
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model under Hugging Face names, gathered from every TP and EP rank into the first rank's host
+        memory (every rank must call this together; the others get {}): one tensor at a time passes through
+        the device, the whole model never does."""
+        shards = self._gathered_shards()
+        return megatron_to_hf(shards, self.layout) if shards is not None else {}
+
+    def _gathered_shards(self) -> Shards | None:
         from megatron.core import parallel_state as ps
 
         tp, ep = self.parallel.tp, self.parallel.ep
-        own = {k: v.detach() for k, v in self.gpt.state_dict().items()
-               if not k.endswith("_extra_state") and torch.is_tensor(v)}
+        first = self.first_rank
         shards: Shards = {(0, t, e): {} for t in range(tp) for e in range(ep)}
-        for name, tensor in own.items():
+        for name, tensor in self._own().items():
             expert = ".experts." in name
-            by_tp = _all_gather(tensor, ps.get_expert_tensor_parallel_group() if expert
-                                else ps.get_tensor_model_parallel_group(), tp)
-            for t, part in enumerate(by_tp):
-                by_ep = _all_gather(part, ps.get_expert_model_parallel_group(), ep) if expert else [part] * ep
-                for e, piece in enumerate(by_ep):
-                    shards[(0, t, e)][name] = piece.to("cpu")
-        return shards
+            by_tp = _gather_to_first(tensor, ps.get_expert_tensor_parallel_group() if expert
+                                     else ps.get_tensor_model_parallel_group(), tp)
+            if by_tp is None:
+                continue
+            for t, part in enumerate(by_tp):  # experts: the first ETP rank of each EP rank passes its parts on
+                by_ep = _gather_to_first(part, ps.get_expert_model_parallel_group(), ep) if expert else [part] * ep
+                if first and by_ep is not None:
+                    for e, piece in enumerate(by_ep):
+                        shards[(0, t, e)][name] = piece.to("cpu")
+        return shards if first else None
+
+    def _own(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.gpt.state_dict().items()
+                if not k.endswith("_extra_state") and torch.is_tensor(v)}
+
+    def shard_checksum(self) -> str:
+        """A digest of the model as this rank holds it with its TP and EP peers, with no weight gathered: each rank
+        digests its own dense shards and its experts, and only the digests travel (dense over TP, experts over
+        TP x EP). Data-parallel replicas in step get equal digests; a rank whose replicated weights drifted does
+        not (the ranks gate)."""
+        from megatron.core import parallel_state as ps
+
+        own = self._own()
+        dense = weights_checksum([(k, v) for k, v in own.items() if ".experts." not in k])
+        experts = weights_checksum([(k, v) for k, v in own.items() if ".experts." in k])
+        tp, ep = self.parallel.tp, self.parallel.ep
+        device = next(self.gpt.parameters()).device
+        digests = (_gather_digests(dense, ps.get_tensor_model_parallel_group(), tp, device)
+                   + (_gather_digests(experts, ps.get_expert_tensor_and_model_parallel_group(), tp * ep, device)
+                      if self.layout.num_experts else []))
+        return hashlib.sha256("|".join(digests).encode()).hexdigest()[:16]
 
     def named_hf_weights(self) -> list[tuple[str, torch.Tensor]]:
         """The gathered weights under the names the transformers model holds them by (what the torch trainer syncs
@@ -280,7 +323,7 @@ class MegatronCausalLM(torch.nn.Module):
         from safetensors.torch import save_file
 
         state = self.hf_state_dict() if state_dict is None else dict(split_experts(state_dict.items()))
-        if state_dict is None and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        if state_dict is None and not self.first_rank:
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -294,12 +337,27 @@ def _tp_rank() -> int:
     return ps.get_tensor_model_parallel_rank()
 
 
-def _all_gather(tensor: torch.Tensor, group: Any, size: int) -> list[torch.Tensor]:
+def _gather_to_first(tensor: torch.Tensor, group: Any, size: int) -> list[torch.Tensor] | None:
+    """Every rank's `tensor` of `group`, in group order, on the group's first rank; None on the others."""
     if size == 1:
         return [tensor]
+    first = torch.distributed.get_global_rank(group, 0)
+    if torch.distributed.get_rank() != first:
+        torch.distributed.gather(tensor.contiguous(), None, dst=first, group=group)
+        return None
     parts = [torch.empty_like(tensor) for _ in range(size)]
-    torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+    torch.distributed.gather(tensor.contiguous(), parts, dst=first, group=group)
     return parts
+
+
+def _gather_digests(digest: str, group: Any, size: int, device: torch.device) -> list[str]:
+    """A 16-hex-digit digest from every rank of `group`, in group order, on every rank."""
+    if size == 1:
+        return [digest]
+    mine = torch.tensor([int(digest[:8], 16), int(digest[8:], 16)], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(size)]
+    torch.distributed.all_gather(parts, mine, group=group)
+    return [f"{int(p[0]):08x}{int(p[1]):08x}" for p in parts]
 
 
 def load_megatron_lm(path: Path, parallel: Parallel, dtype: str = "float32",

@@ -40,9 +40,11 @@ def observed(gpt: torch.nn.Module, valid: torch.Tensor, stats: RoutingStats, *, 
              tp: int = 1) -> Iterator[None]:
     """Add to `stats` what every router does during the forward inside the block. `valid` [rows, width]: the
     tokens that count, in the shape the model runs (padding included). Megatron's routers see tokens sequence-major
-    ([width, rows] flattened), with sequence parallelism only this TP rank's slice of the sequence."""
+    ([width, rows] flattened), with sequence parallelism only this TP rank's slice of the sequence: then each
+    router's counts are summed over the TP ranks (they run every forward together) before they are added."""
     seen = valid.t()
-    if gpt.config.sequence_parallel:
+    split = bool(gpt.config.sequence_parallel) and tp > 1
+    if split:
         seen = seen.chunk(tp)[tp_rank]
     counted = seen.reshape(-1).to("cpu")
 
@@ -53,12 +55,17 @@ def observed(gpt: torch.nn.Module, valid: torch.Tensor, stats: RoutingStats, *, 
                 chosen = output[1].reshape(-1, stats.num_experts).to("cpu")
             logits, chosen = logits[counted], chosen[counted]
             finite = torch.isfinite(logits).all(-1)
-            stats.nonfinite_router_logits += int((~finite).sum())
             probs = torch.softmax(logits[finite], dim=-1)
-            stats.entropy_sum += float(-(probs * probs.clamp_min(1e-30).log()).sum())
-            stats.entropy_count += int(finite.sum())
-            load = chosen.sum(0).long()
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum()
+            counts = torch.cat([chosen.sum(0).double(), torch.stack([
+                (~finite).sum().double(), entropy.double(), finite.sum().double()])])
+            if split:
+                counts = _summed_over_tp(counts, next(module.parameters()).device)
+            load = counts[:-3].round().long()
             stats.load[layer] = stats.load.get(layer, torch.zeros_like(load)) + load
+            stats.nonfinite_router_logits += int(counts[-3])
+            stats.entropy_sum += float(counts[-2])
+            stats.entropy_count += int(counts[-1])
         return record
 
     handles = [router.register_forward_hook(hook(layer)) for layer, router in routers(gpt)]
@@ -67,3 +74,11 @@ def observed(gpt: torch.nn.Module, valid: torch.Tensor, stats: RoutingStats, *, 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _summed_over_tp(counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    on_device = counts.to(device, torch.float32)  # counts per forward stay far below 2**24; hccl takes no float64
+    torch.distributed.all_reduce(on_device, group=ps.get_tensor_model_parallel_group())
+    return on_device.to("cpu", torch.float64)
