@@ -21,16 +21,11 @@ from typing import Any, Sequence
 import torch
 
 from ..engines.sampling import sampling_logprobs
-from ..models.moe import (
-    RoutingError,
-    RoutingStats,
-    checkpoint_is_moe,
-    moe_spec,
-    routing,
-)
+from ..models.moe import RoutingError, RoutingStats, checkpoint_is_moe, moe_spec, routing
 from ..types import Trajectory
 from .batch import PackedBatch, even_rows, pack, rows_of
 from .losses import group_advantages, k3, ppo_clip_loss
+
 
 LOGP_FLOOR = -1e4  # stands in for -inf where a trainable token fell outside the truncated distribution
 
