@@ -65,18 +65,24 @@ def test_after_every_check_no_work_dir_of_the_provider_is_left(provider: LocalSa
     assert provider.leftover_dirs() == 0
 
 
+def _own_uid(provider: LocalSandboxProvider, box: LocalSandbox) -> int:
+    """The sandbox's own uid, which a reap clears; skips where sandboxes share the runner's (not root)."""
+    if box.uid is None:
+        pytest.skip("sandboxes share the runner's uid (not root): no per-uid reaper")
+    assert provider.link is not None
+    return box.uid
+
+
 def test_an_exec_sent_while_its_uid_is_being_reaped_waits_for_the_reaper_instead_of_being_killed_by_it(
         provider: LocalSandboxProvider):
     # what an output flood leaves behind: the runner asks for the uid to be cleared, the flood dies of its own
     # SIGPIPE, and the agent's next command arrives while the reaper's kill(-1) may still be running
     async def scenario() -> list[tuple[str, str]]:
         async with provider.sandbox() as box:
-            if box.uid is None:
-                pytest.skip("sandboxes share the runner's uid (not root): no per-uid reaper")
-            assert provider.link is not None
+            uid = _own_uid(provider, box)
             results = []
             for _ in range(40):
-                provider.link.reap(box.uid)  # not awaited, as the link does it
+                provider.link.reap(uid)  # not awaited, as the link does it
                 result = await box.exec(["python3", "-c", "print(1)"])
                 results.append((result.status, result.stdout.strip()))
             return results
@@ -90,15 +96,13 @@ def test_a_reap_asked_for_after_an_exec_was_sent_stops_it_even_while_it_waits_fo
     # or an exec whose deadline passed while it waited would start afterwards and never be stopped
     async def scenario() -> list[str]:
         async with provider.sandbox() as box:
-            if box.uid is None:
-                pytest.skip("sandboxes share the runner's uid (not root): no per-uid reaper")
-            assert provider.link is not None
+            uid = _own_uid(provider, box)
             statuses = []
             for _ in range(20):
-                provider.link.reap(box.uid)
+                provider.link.reap(uid)
                 running = asyncio.ensure_future(box.exec(["sleep", "30"]))
                 await asyncio.sleep(0)  # the exec's request is queued before the second reap's
-                await asyncio.wrap_future(provider.link.reap(box.uid))
+                await asyncio.wrap_future(provider.link.reap(uid))
                 statuses.append((await running).status)
             return statuses
 
