@@ -23,10 +23,14 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TRAIN_BYTES_PER_PARAM = 16  # float32 weights + gradients + Adam's two moments
 
 
+def _experts(text: Mapping[str, Any]) -> int:
+    return int(text.get("num_experts") or text.get("num_local_experts") or 0)
+
+
 def count_expert_parameters(hf: Mapping[str, Any]) -> int:
     """The parameters of a MoE model's experts (what expert parallelism splits); 0 for a dense model."""
     text = hf.get("text_config") or hf
-    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    experts = _experts(text)
     if not experts:
         return 0
     return int(text["num_hidden_layers"]) * experts * 3 * int(text["hidden_size"]) * int(text["moe_intermediate_size"])
@@ -44,7 +48,7 @@ def count_parameters(hf: Mapping[str, Any]) -> int:
         attention += heads * hd + 2 * kv * hd  # q/k/v biases
     if text.get("model_type", "").startswith("qwen3"):
         attention += 2 * hd  # q/k norms
-    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    experts = _experts(text)
     if experts:
         mlp = experts * 3 * h * int(text["moe_intermediate_size"]) + h * experts
     else:
@@ -120,7 +124,7 @@ def check(config: Any, hf: Mapping[str, Any], profile: str) -> Plan:
     engine = (f" + the engine's {p.engine_gib:.1f} GiB beside it = {p.need_gib:.1f} GiB" if p.engine_beside else "")
     text = hf.get("text_config") or hf
     kv_heads = int(text.get("num_key_value_heads") or text["num_attention_heads"])
-    experts = int(text.get("num_experts") or text.get("num_local_experts") or 0)
+    experts = _experts(text)
     data_parallel = config.data_parallel
     if config.run.trainer == "torch":
         advice = "split it: --trainer megatron --set megatron.tensor_parallel=N"
